@@ -64,6 +64,9 @@ class HierarchicalModelAverager(ModelAverager):
         >>> checkpoint = averager.state_dict()  # plain Python values
     """
 
+    #: Elements per all_reduce on CPU; see :meth:`_average`.
+    CPU_CHUNK_ELEMENTS = 1 << 22
+
     def __init__(
         self,
         period_group_size_dict: Mapping[int, GroupSizeSpec] | Sequence[tuple[int, GroupSizeSpec]],
@@ -181,15 +184,24 @@ class HierarchicalModelAverager(ModelAverager):
             average_by_copy(params, group)
             return
         size = dist.get_world_size(group)
-        for flat in buffers:
-            if flat.device.type == "cuda":
-                # As torch's averager does: an all_reduce on another stream must
-                # not race the optimizer's kernels still writing this buffer.
-                torch.cuda.synchronize(flat.device)
-            with torch.no_grad():
-                # Divide first, like torch, so results match it bit for bit.
-                flat.div_(size)
-                dist.all_reduce(flat, group=group)
+        pending = []
+        with torch.no_grad():
+            for flat in buffers:
+                if flat.device.type == "cuda":
+                    # As torch's averager does: an all_reduce on another stream must
+                    # not race the optimizer's kernels still writing this buffer.
+                    torch.cuda.synchronize(flat.device)
+                    chunks = [flat]
+                else:
+                    # On CPU, dividing chunk k+1 overlaps the reduction of chunk k,
+                    # which hides the division's pass over memory.
+                    chunks = list(flat.split(self.CPU_CHUNK_ELEMENTS))
+                for chunk in chunks:
+                    # Divide first, like torch, so results match it bit for bit.
+                    chunk.div_(size)
+                    pending.append(dist.all_reduce(chunk, group=group, async_op=True))
+            for work in pending:
+                work.wait()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values: the step, warmup, the hierarchy configured and resolved."""

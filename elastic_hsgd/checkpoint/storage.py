@@ -1,0 +1,114 @@
+"""fsspec I/O for checkpoints: every location is a URL, every write is retried."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that retrying cannot fix.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, found or verified."""
+
+
+def sha256_of(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Storage:
+    """A checkpoint root on any fsspec filesystem."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, retries: int = 4, backoff_s: float = 0.2):
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.root = root.rstrip("/") or "/"
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying transient errors with exponential backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except _PERMANENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 - storage backends raise anything
+                if attempt == self.retries:
+                    raise CheckpointError(f"{what} failed after {attempt + 1} attempts: {exc!r}") from exc
+                delay = self.backoff_s * 2**attempt
+                logger.warning("%s failed (%r); retry %d/%d in %.1f s", what, exc, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def check_writable(self) -> None:
+        """Fail now, with the URL in the message, if the root cannot be written and read back."""
+        probe = self.path(f".probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            if self.fs.cat_file(probe) != b"ok":
+                raise OSError("probe file read back different bytes")
+            self.fs.rm_file(probe)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(
+                f"checkpoint URL {self.url!r} is not usable: {exc!r}. Check the URL, that the bucket "
+                "or folder exists, the credentials (storage_options or environment) and write permission."
+            ) from exc
+
+    def write_file(self, path: str, data: bytes | memoryview) -> str:
+        """Write ``data`` to ``path`` (retried) and return its sha256, hashed while writing."""
+        digest: dict[str, str] = {}
+        hasher = threading.Thread(target=lambda: digest.update(sha256=sha256_of(data)))  # hashlib drops the GIL
+        hasher.start()
+
+        def write() -> None:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+        try:
+            self.retry(f"writing {self.fs.unstrip_protocol(path)}", write)
+        finally:
+            hasher.join()
+        return digest["sha256"]
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Make ``path`` appear whole or not at all: write a temporary name, then move it."""
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        self.retry(f"writing {self.fs.unstrip_protocol(tmp)}", lambda: self.fs.pipe_file(tmp, data))
+        self.retry(f"committing {self.fs.unstrip_protocol(path)}", lambda: self.fs.mv(tmp, path))
+
+    def read_file(self, path: str) -> bytes:
+        return self.retry(f"reading {self.fs.unstrip_protocol(path)}", lambda: self.fs.cat_file(path))
+
+    def list_step_dirs(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def remove_tree(self, path: str) -> None:
+        try:
+            self.retry(f"deleting {self.fs.unstrip_protocol(path)}", lambda: self.fs.rm(path, recursive=True))
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(path)
