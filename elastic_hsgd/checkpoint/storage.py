@@ -59,7 +59,12 @@ class Storage:
     def check_writable(self) -> None:
         """Fail now, with the URL in the message, if the root cannot be written and read back."""
         probe = self.path(f".probe-{uuid.uuid4().hex}")
+        container = self.root.split("/", 1)[0]
         try:
+            # Object stores' makedirs would create a missing bucket: a typo'd
+            # bucket name must fail here instead. (Local roots start with "/".)
+            if container and not self.fs.exists(container):
+                raise FileNotFoundError(f"bucket or container {container!r} does not exist")
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             if self.fs.cat_file(probe) != b"ok":
@@ -78,6 +83,7 @@ class Storage:
         hasher.start()
 
         def write() -> None:
+            self._make_parent(path)
             with self.fs.open(path, "wb") as f:
                 f.write(data)
 
@@ -90,8 +96,13 @@ class Storage:
     def write_atomic(self, path: str, data: bytes) -> None:
         """Make ``path`` appear whole or not at all: write a temporary name, then move it."""
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        self._make_parent(tmp)
         self.retry(f"writing {self.fs.unstrip_protocol(tmp)}", lambda: self.fs.pipe_file(tmp, data))
         self.retry(f"committing {self.fs.unstrip_protocol(path)}", lambda: self.fs.mv(tmp, path))
+
+    def _make_parent(self, path: str) -> None:
+        # Local folders need it; object stores treat it as a no-op.
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
 
     def read_file(self, path: str) -> bytes:
         return self.retry(f"reading {self.fs.unstrip_protocol(path)}", lambda: self.fs.cat_file(path))
