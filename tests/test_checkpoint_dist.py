@@ -1,0 +1,222 @@
+"""CheckpointManager with 4 real gloo processes: exact resume, world-size changes, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+
+import pytest
+
+from tests.distributed import free_port, run_workers
+
+HIERARCHY = {2: 2, 4: "world"}
+
+
+def _setup(rank: int, seed: int = 0):
+    import torch
+
+    from elastic_hsgd import HierarchicalModelAverager
+
+    torch.manual_seed(seed)  # same initial model everywhere
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    averager = HierarchicalModelAverager(HIERARCHY, warmup_steps=1)
+    torch.manual_seed(1000 + rank)  # per-rank data stream, from the global RNG on purpose
+    return {"model": model, "optimizer": optimizer, "averager": averager}
+
+
+def _train(state, steps: range) -> None:
+    import torch
+
+    model, optimizer, averager = state["model"], state["optimizer"], state["averager"]
+    for _ in steps:
+        x = torch.randn(16, 5)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+        optimizer.step()
+        averager.average_parameters(model.parameters())
+
+
+def _params(model) -> list:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _exact_resume_worker(rank: int, world_size: int, url: str, options: dict | None) -> bool:
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+
+    reference = _setup(rank)
+    _train(reference, range(0, 11))
+
+    manager = CheckpointManager(url, storage_options=options, keep=2)
+    run = _setup(rank)
+    _train(run, range(0, 7))
+    manager.save(7, run)  # step 7: between averaging points, ranks differ
+    _train(run, range(7, 9))  # work after the checkpoint that the "crash" loses
+    manager.save(9, run, blocking=False)
+    manager.wait()
+
+    resumed = _setup(rank, seed=42)  # a fresh process would start from anything
+    manager.load(7, resumed)
+    assert resumed["averager"].step == 7
+    _train(resumed, range(7, 11))
+    exact = all(torch.equal(a, b) for a, b in zip(_params(resumed["model"]), _params(reference["model"])))
+    manager.close()
+    return exact
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_resume_at_same_world_size_is_bit_exact(storage, tmp_path, request):
+    if storage == "local":
+        url, options = str(tmp_path / "ckpt"), None
+    else:
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url = f"{bucket}/run"
+    assert run_workers(_exact_resume_worker, 4, url, options) == [True] * 4
+
+
+def _reinit(rank: int, world_size: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+
+
+def _world_change_worker(rank: int, world_size: int, url: str, port2: int, port4: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from elastic_hsgd import CheckpointManager
+
+    report: dict = {}
+    state = _setup(rank)
+    manager = CheckpointManager(url)
+    _train(state, range(0, 6))
+    manager.save(6, state)
+    manager.close()
+    dist.destroy_process_group()
+
+    if rank < 2:  # 4 -> 2
+        _reinit(rank, 2, port2)
+        state = _setup(rank, seed=7)
+        manager = CheckpointManager(url)
+        assert manager.load_latest(state) == 6
+        report["at_2"] = (manager.last_loaded.world_size, state["averager"].step, [lv.group_size for lv in state["averager"].levels])
+        _train(state, range(6, 9))  # step 8 averages over the whole world of 2
+        manager.save(9, state)
+        flat = torch.cat([p.detach().reshape(-1) for p in state["model"].parameters()])
+        both = [torch.empty_like(flat) for _ in range(2)]
+        dist.all_gather(both, flat)
+        report["replicas_equal_after_global_step"] = torch.equal(both[0], both[1])
+        manager.close()
+        dist.destroy_process_group()
+
+    _reinit(rank, 4, port4)  # 2 -> 4
+    state = _setup(rank, seed=8)
+    manager = CheckpointManager(url)
+    assert manager.load_latest(state) == 9
+    report["at_4"] = (manager.last_loaded.world_size, state["averager"].step, [lv.group_size for lv in state["averager"].levels])
+    report["model"] = _params(state["model"])[0].sum().item()
+    _train(state, range(9, 13))
+    manager.save(13, state)
+    report["steps"] = manager.steps()
+    manager.close()
+    return report
+
+
+def test_resume_across_world_sizes_4_2_4(tmp_path):
+    reports = run_workers(_world_change_worker, 4, str(tmp_path / "ckpt"), free_port(), free_port())
+    for rank in (0, 1):
+        assert reports[rank]["at_2"] == (4, 6, [2, 2])
+        assert reports[rank]["replicas_equal_after_global_step"]
+    for rank in range(4):
+        assert reports[rank]["at_4"] == (2, 9, [2, 4])
+        assert reports[rank]["steps"] == [6, 9, 13]
+    # New ranks 2 and 3 load saved ranks 0 and 1 (rank % old world).
+    assert reports[2]["model"] == reports[0]["model"] and reports[3]["model"] == reports[1]["model"]
+
+
+def _one_rank_fails_worker(rank: int, world_size: int, url: str) -> str:
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    from elastic_hsgd import CheckpointManager
+    from elastic_hsgd.checkpoint import CheckpointError
+
+    class BrokenOnRankOne(LocalFileSystem):
+        protocol = ("brokenonone",)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.replace("brokenonone://", "file://", 1))
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and rank == 1 and path.endswith(".pt"):
+                raise ConnectionResetError("injected: storage unreachable from rank 1")
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("brokenonone", BrokenOnRankOne, clobber=True)
+    manager = CheckpointManager(f"brokenonone://{url}", retries=1, retry_backoff_s=0.01)
+    state = _setup(rank)
+    try:
+        manager.save(1, state)
+    except CheckpointError as exc:
+        message = str(exc)
+    else:
+        message = ""
+    assert manager.steps() == []
+    return message
+
+
+def test_a_save_failing_on_one_rank_raises_on_every_rank(tmp_path):
+    messages = run_workers(_one_rank_fails_worker, 4, str(tmp_path / "ckpt"), deadline_s=60)
+    for message in messages:
+        assert "rank 1" in message and "storage unreachable from rank 1" in message
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from elastic_hsgd import CheckpointManager
+    manager = CheckpointManager(sys.argv[1])
+    manager.save(1, {"weights": torch.full((4,), 1.0)})
+    print("saved 1", flush=True)
+    big = {"weights": torch.full((4,), 2.0), "ballast": torch.zeros(64 * 2**20 // 4)}
+    manager.save(2, big)
+    print("saved 2", flush=True)
+    """
+)
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+    from elastic_hsgd.checkpoint.layout import step_dir_name
+
+    url = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(url)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saved 1"
+        partial = url / step_dir_name(2) / "rank_00000.pt"
+        deadline = time.monotonic() + 60
+        while not partial.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "save of step 2 never started"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (url / step_dir_name(2) / "COMMIT.json").exists(), "the kill came after the commit"
+    manager = CheckpointManager(str(url))
+    assert manager.steps() == [1]
+    state = {"weights": torch.zeros(4)}
+    assert manager.load_latest(state) == 1 and torch.equal(state["weights"], torch.full((4,), 1.0))
+    manager.save(3, state)
+    assert not (url / step_dir_name(2)).exists() and manager.steps() == [1, 3]
