@@ -8,7 +8,7 @@
 
 Local SGD leaves ranks with different parameters between averaging points, so
 each rank saves its own model, optimizer and RNG state; exact resume needs all
-of them. ``COMMIT.json`` records every file's size and sha256, the world size,
+of them. ``COMMIT.json`` records every file's size and checksum, the world size,
 and the averager's state (plain JSON), so a reader can verify before loading
 and ``inspect`` needs no tensor file.
 """
@@ -56,7 +56,7 @@ def source_rank(rank: int, saved_world_size: int) -> int:
 @dataclass(frozen=True)
 class FileEntry:
     name: str
-    sha256: str
+    checksum: str
     bytes: int
 
 
@@ -86,7 +86,7 @@ class CommitRecord:
             "step": self.step,
             "world_size": self.world_size,
             "unix_time": self.unix_time,
-            "files": [{"name": f.name, "sha256": f.sha256, "bytes": f.bytes} for f in self.files],
+            "files": [{"name": f.name, "checksum": f.checksum, "bytes": f.bytes} for f in self.files],
             "averager": self.averager,
             "extra": self.extra,
         }
@@ -99,7 +99,7 @@ class CommitRecord:
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"commit record format {data.get('format')!r} is not {FORMAT_VERSION}.")
         try:
-            files = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["bytes"])) for f in data["files"])
+            files = tuple(FileEntry(str(f["name"]), str(f["checksum"]), int(f["bytes"])) for f in data["files"])
             record = cls(
                 step=int(data["step"]),
                 world_size=int(data["world_size"]),

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..averager import HierarchicalModelAverager
 from .layout import COMMIT_NAME, CommitRecord, FileEntry, parse_step_dir, plan_retention, rank_file_name, source_rank, step_dir_name
 from .state import capture, deserialize, restore, serialize
-from .storage import CheckpointError, Storage, sha256_of
+from .storage import CheckpointError, Storage, checksum_of
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class CheckpointManager:
 
     Every rank writes its own state (parameters differ between averaging points
     under local SGD); rank 0 then writes ``COMMIT.json`` with each file's
-    sha256. A checkpoint without its commit record does not exist for readers,
+    checksum. A checkpoint without its commit record does not exist for readers,
     so a crash at any moment leaves the previous checkpoint loadable.
 
     Args:
@@ -87,6 +87,8 @@ class CheckpointManager:
         self.last_loaded: CommitRecord | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[None]] | None = None
+        # Host buffers of async saves, reused: a save starts only after the previous one finished.
+        self._staging: dict[tuple, Any] = {}
 
         try:
             self.storage.check_writable()
@@ -126,7 +128,7 @@ class CheckpointManager:
         step_dir_name(step)  # validates step before anything is written
         self.wait()
         background = self.async_save if blocking is None else not blocking
-        payload = capture(state, include_rng=self.include_rng, stage=background)
+        payload = capture(state, include_rng=self.include_rng, stage=background, pool=self._staging)
         averager = next((obj.state_dict() for obj in state.values() if isinstance(obj, HierarchicalModelAverager)), None)
         extra = {"entries": sorted(state)}
         if not background:
@@ -176,10 +178,9 @@ class CheckpointManager:
 
         name = rank_file_name(self.rank)
         try:
-            data = serialize(payload)
+            digest, nbytes = self.storage.write_file(f"{step_dir}/{name}", serialize(payload))
             del payload
-            digest = self.storage.write_file(f"{step_dir}/{name}", data)
-            written: tuple[str, str, int] | None = (name, digest, len(data))
+            written: tuple[str, str, int] | None = (name, digest, nbytes)
             error = None
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
             written, error = None, f"{type(exc).__name__}: {exc}"
@@ -257,12 +258,12 @@ class CheckpointManager:
             data = self.storage.read_file(self.storage.path(step_dir_name(step), entry.name))
             if len(data) != entry.bytes:
                 raise CheckpointError(f"{entry.name} is truncated: {len(data)} bytes, commit record says {entry.bytes}")
-            if sha256_of(data) != entry.sha256:
-                raise CheckpointError(f"{entry.name} is corrupt: its sha256 differs from the commit record")
+            if checksum_of(data) != entry.checksum:
+                raise CheckpointError(f"{entry.name} is corrupt: its checksum differs from the commit record")
             try:
                 payload = deserialize(data)
             except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"{entry.name} was refused by the safe loader (weights_only): {exc}") from exc
+                raise CheckpointError(f"{entry.name} was refused by the safe loader: {exc}") from exc
             return record, payload, None
         except Exception as exc:  # noqa: BLE001 - reported collectively
             return None, None, f"{type(exc).__name__}: {exc}"
