@@ -95,12 +95,13 @@ class CheckpointManager:
             error = None
         except CheckpointError as exc:
             error = str(exc)
-        self._raise_if_any(self._all_gather(error), "checkpoint storage check")
+        self._raise_if_any(self.all_gather_object(error), "checkpoint storage check")
         atexit.register(_wait_at_exit, weakref.ref(self))
 
     # -- collectives -------------------------------------------------------
 
-    def _all_gather(self, obj: Any) -> list[Any]:
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, over the checkpoint's own gloo group."""
         if self._group is None:
             return [obj]
         out: list[Any] = [None] * self.world_size
@@ -174,7 +175,7 @@ class CheckpointManager:
                 self.storage.remove_tree(step_dir)
             except Exception as exc:  # noqa: BLE001
                 error = f"cannot clear {step_dir}: {exc!r}"
-        self._raise_if_any(self._all_gather(error), f"checkpoint of step {step}")
+        self._raise_if_any(self.all_gather_object(error), f"checkpoint of step {step}")
 
         name = rank_file_name(self.rank)
         try:
@@ -184,7 +185,7 @@ class CheckpointManager:
             error = None
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
             written, error = None, f"{type(exc).__name__}: {exc}"
-        outcomes = self._all_gather((written, error))
+        outcomes = self.all_gather_object((written, error))
         self._raise_if_any([e for _, e in outcomes], f"writing checkpoint of step {step} (the previous checkpoint is intact)")
 
         commit_error = None
@@ -203,7 +204,7 @@ class CheckpointManager:
                 commit_error = f"{type(exc).__name__}: {exc}"
             else:
                 self._apply_retention(step)
-        self._raise_if_any(self._all_gather(commit_error), f"committing checkpoint of step {step}")
+        self._raise_if_any(self.all_gather_object(commit_error), f"committing checkpoint of step {step}")
         if self.rank == 0:
             logger.info(
                 "checkpoint step %d committed to %s: %d ranks, %.1f MB per rank, %.2f s",
@@ -272,7 +273,7 @@ class CheckpointManager:
         """Load checkpoint ``step`` into ``state``. Collective; raises if any rank cannot."""
         self.wait()
         record, payload, error = self._fetch(step)
-        self._raise_if_any(self._all_gather(error), f"loading checkpoint step {step} from {self.url}")
+        self._raise_if_any(self.all_gather_object(error), f"loading checkpoint step {step} from {self.url}")
         assert record is not None and payload is not None
         self._restore(record, payload, state)
         return step
@@ -284,10 +285,10 @@ class CheckpointManager:
         warning, falling back to the one before. Ranks agree on the step.
         """
         self.wait()
-        candidates = self._all_gather(self.steps() if self.rank == 0 else None)[0]
+        candidates = self.all_gather_object(self.steps() if self.rank == 0 else None)[0]
         for step in reversed(candidates):
             record, payload, error = self._fetch(step)
-            errors = self._all_gather(error)
+            errors = self.all_gather_object(error)
             if not any(errors):
                 assert record is not None and payload is not None
                 self._restore(record, payload, state)

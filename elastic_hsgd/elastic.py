@@ -1,0 +1,183 @@
+"""Glue for torchrun workers: process group from the torchelastic environment,
+the post-local-SGD hook tied to the averager, a job-wide generation, resume.
+
+Every membership change under torchelastic restarts all workers, so "elastic"
+here means: each start builds everything for the current world, validates the
+hierarchy before the first averaging step, and resumes from the newest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+
+from .averager import HierarchicalModelAverager
+from .checkpoint import CheckpointManager
+
+logger = logging.getLogger(__name__)
+
+GENERATION_FILE = "GENERATION.json"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Who this worker is, as torchelastic set it up."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    restart_count: int
+    run_id: str
+    backend: str
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(seconds=60)) -> WorkerInfo:
+    """Initialise the default process group from torchrun's environment.
+
+    The explicit ``timeout`` matters: a collective with a lost peer fails
+    after it (gloo's default is 30 minutes), which is what lets torchelastic
+    notice the loss and re-form the world.
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout)
+    info = WorkerInfo(
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=dist.get_world_size(),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", 1),
+        node_rank=_env_int("GROUP_RANK", 0),
+        restart_count=_env_int("TORCHELASTIC_RESTART_COUNT", 0),
+        run_id=os.environ.get("TORCHELASTIC_RUN_ID", "none"),
+        backend=backend,
+    )
+    logger.info(
+        "worker rank %d/%d (local %d/%d, node %d, restart %d, run %s, %s)",
+        info.rank, info.world_size, info.local_rank, info.local_world_size,
+        info.node_rank, info.restart_count, info.run_id, backend,
+    )
+    return info
+
+
+class PostLocalSGDCounter:
+    """torch's post-local-SGD hook state, tied to an averager and checkpointable.
+
+    ``start_localSGD_iter`` is the averager's ``warmup_steps`` by construction,
+    and :meth:`state_dict` carries the hook's iteration counter, so a resumed
+    job neither repeats warmup nor skips it.
+    """
+
+    def __init__(self, hook_state: PostLocalSGDState, averager: HierarchicalModelAverager) -> None:
+        self.hook_state = hook_state
+        self.averager = averager
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iter": self.hook_state.iter, "start_localSGD_iter": self.hook_state.start_localSGD_iter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["start_localSGD_iter"]) != self.hook_state.start_localSGD_iter:
+            raise ValueError(
+                f"checkpoint's post-local-SGD hook started local SGD at iteration "
+                f"{state['start_localSGD_iter']}, this run at {self.hook_state.start_localSGD_iter}: "
+                "use the saved --warmup-steps."
+            )
+        self.hook_state.iter = int(state["iter"])
+
+
+def attach_post_local_sgd(
+    ddp_model: torch.nn.parallel.DistributedDataParallel,
+    averager: HierarchicalModelAverager,
+    subgroup: dist.ProcessGroup | None = None,
+) -> PostLocalSGDCounter:
+    """Register torch's post-local-SGD hook on ``ddp_model`` for ``averager``.
+
+    During warmup the hook all-reduces gradients over the averager's whole
+    group (plain DDP). Afterwards it all-reduces them within ``subgroup`` if
+    one is given, which must sit below the averager's lowest level (torch's
+    docstring: the intra-machine level lives in the hook); with no subgroup,
+    gradients stay local and only the averager communicates.
+    """
+    if subgroup is not None:
+        size, lowest = dist.get_world_size(subgroup), averager.levels[0].group_size
+        if size >= lowest or lowest % size:
+            raise ValueError(
+                f"hook subgroup of size {size} must be smaller than, and divide, the averager's lowest "
+                f"level ({lowest}); averaging the same group in both places wastes communication."
+            )
+    state = PostLocalSGDState(
+        process_group=averager.process_group,
+        subgroup=subgroup,
+        start_localSGD_iter=averager.warmup_steps,
+        post_local_gradient_allreduce=subgroup is not None,
+    )
+    ddp_model.register_comm_hook(state, post_localSGD_hook)
+    return PostLocalSGDCounter(state, averager)
+
+
+def next_generation(manager: CheckpointManager) -> int:
+    """A job-wide start counter, kept beside the checkpoints. Collective.
+
+    ``TORCHELASTIC_RESTART_COUNT`` differs between nodes; this does not: rank 0
+    of each new world reads, increments and atomically rewrites it, and shares it.
+    """
+    value = None
+    if manager.rank == 0:
+        path = manager.storage.path(GENERATION_FILE)
+        try:
+            value = int(json.loads(manager.storage.read_file(path))["generation"]) + 1
+        except FileNotFoundError:
+            value = 0
+        except (ValueError, KeyError) as exc:
+            logger.warning("unreadable %s (%r); starting generations again at 0", path, exc)
+            value = 0
+        manager.storage.write_atomic(path, json.dumps({"generation": value}).encode())
+    return manager.all_gather_object(value)[0]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int
+    previous_world_size: int | None
+    generation: int
+
+
+def resume(manager: CheckpointManager, state: dict[str, Any], averager: HierarchicalModelAverager) -> Resumed:
+    """Load the newest checkpoint into ``state`` and log what was resumed. Collective.
+
+    The averager must already be built for the current world: its
+    construction (or :meth:`~HierarchicalModelAverager.rebuild`) validated the
+    hierarchy, and :meth:`~HierarchicalModelAverager.load_state_dict` checks the
+    top level spans the world, all before the first averaging step.
+    """
+    generation = next_generation(manager)
+    step = manager.load_latest(state)
+    previous = manager.last_loaded.world_size if manager.last_loaded is not None else None
+    if step is not None and averager.step != step:
+        raise ValueError(f"checkpoint step {step} but the averager resumed at step {averager.step}: was it in `state`?")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if manager.rank == 0:
+        if step is None:
+            logger.info("generation %d: no checkpoint at %s, starting at step 0 with world size %d", generation, manager.url, world)
+        else:
+            logger.info("generation %d: resumed step %d, world size %s -> %d", generation, step, previous, world)
+    return Resumed(step or 0, previous, generation)

@@ -1,0 +1,159 @@
+"""Fault injection with real torchrun agents and workers (gloo, loopback only)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from elastic_hsgd.checkpoint.layout import COMMIT_NAME, parse_step_dir
+from tests.distributed import free_port
+from tests.torchrun_job import FAST_RDZV, Agent
+
+pytestmark = pytest.mark.torchrun
+
+
+def _single_node(port: int, nproc: int = 4, max_restarts: int = 3) -> list[str]:
+    return [
+        "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
+    ]
+
+
+def _run_to_done(agent: Agent, deadline_s: float = 150) -> dict:
+    try:
+        done = agent.wait_for(lambda e: e["event"] == "done", deadline_s, "done line")
+        agent.proc.wait(timeout=30)
+        return done
+    finally:
+        agent.stop()
+
+
+TRAIN = ["--steps", "120", "--checkpoint-every", "20", "--warmup-steps", "10", "--hierarchy", "2:2,4:world", "--step-delay", "0.02", "--collective-timeout", "20"]
+
+
+def test_killed_worker_resumes_to_a_bit_identical_result(tmp_path):
+    reference = Agent(_single_node(free_port()), [*TRAIN, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference")
+    expected = _run_to_done(reference)
+
+    agent = Agent(_single_node(free_port()), [*TRAIN, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed")
+    try:
+        agent.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 20, 90, "first checkpoint")
+        victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
+        os.kill(victim, signal.SIGKILL)
+        resumed = agent.wait_for(lambda e: e["event"] == "resumed", 90, "resumed line")
+        done = _run_to_done(agent)
+    finally:
+        agent.stop()
+    assert resumed["world_size"] == 4 and resumed["previous_world_size"] == 4 and resumed["step"] >= 20
+    assert done["step"] == 120
+    assert done["params_sha256"] == expected["params_sha256"]
+
+
+def test_lost_node_shrinks_to_two_then_a_new_node_grows_back_to_four(tmp_path):
+    port = free_port()
+    steps = 500
+    args = [
+        "--steps", str(steps), "--checkpoint-every", "25", "--warmup-steps", "10", "--hierarchy", "2:local,8:world",
+        "--step-delay", "0.04", "--collective-timeout", "20", "--checkpoint-url", str(tmp_path / "ckpt"),
+    ]
+    torchrun = [
+        "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=lost-node", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
+    ]
+    host = Agent(torchrun, args, tmp_path, "host")  # the first agent hosts the rendezvous store
+    agents = [host]
+    try:
+        _wait_port(port, host)
+        leaving = Agent(torchrun, args, tmp_path, "leaving")
+        agents.append(leaving)
+        host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 60, "world of 4")
+        host.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 50, 90, "checkpoint")
+        leaving.kill()
+        shrunk = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 2, 90, "world of 2")
+        host.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] > shrunk["step"], 90, "a checkpoint at world 2")
+        joining = Agent(torchrun, args, tmp_path, "joining")
+        agents.append(joining)
+        host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 4, 90, "world of 4 again")
+        done = host.wait_for(lambda e: e["event"] == "done", 150, "done line")
+    finally:
+        for agent in agents:
+            agent.stop()
+
+    events = host.snapshot()
+    starts = [e for e in events if e["event"] in ("started", "resumed")]
+    worlds = [e["world_size"] for e in starts]
+    assert worlds[0] == 4 and 2 in worlds and worlds[-1] == 4, worlds
+    assert worlds[worlds.index(2):][-1] == 4
+    last_checkpoint = 0
+    for event in events:
+        if event["event"] == "checkpoint":
+            last_checkpoint = event["step"]
+        if event["event"] == "resumed":
+            assert event["step"] >= last_checkpoint, (event, last_checkpoint)
+            assert event["previous_world_size"] is not None
+            # Revalidated for the new world: 'local' is 2 per node, the top level spans the world.
+            assert event["hierarchy"] == [[2, 2], [8, event["world_size"]]]
+    assert done["step"] == steps and done["world_size"] == 4
+
+
+def _wait_port(port: int, agent: Agent, deadline_s: float = 30) -> None:
+    import socket
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert agent.proc.poll() is None, agent.stderr_tail()
+        time.sleep(0.02)
+    raise AssertionError(f"rendezvous port {port} never opened")
+
+
+def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
+    url = tmp_path / "ckpt"
+    args = [
+        "--steps", "60", "--checkpoint-every", "10", "--warmup-steps", "4", "--hierarchy", "2:2,4:world",
+        "--hidden", "1536", "--collective-timeout", "20", "--checkpoint-url", str(url),
+    ]
+    agent = Agent(_single_node(free_port()), args, tmp_path, "midsave")
+    try:
+        agent.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] == 10, 90, "first checkpoint")
+        rank0 = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 0)
+        target = url / "step_000000000020"
+        end = time.monotonic() + 60
+        # Rank 0 writes its file first and the commit record last: kill it in between.
+        while not (target / "rank_00000.pt").exists():
+            assert time.monotonic() < end, "second checkpoint never started"
+            time.sleep(0.0005)
+        os.kill(rank0, signal.SIGKILL)
+        committed_at_kill = (target / COMMIT_NAME).exists()
+        resumed = agent.wait_for(lambda e: e["event"] == "resumed", 90, "resumed line")
+        done = _run_to_done(agent)
+    finally:
+        agent.stop()
+    assert not committed_at_kill, "the kill landed after the commit; the window was missed"
+    assert resumed["step"] == 10
+    assert done["step"] == 60
+    committed = sorted(s for s in (parse_step_dir(p.name) for p in url.iterdir()) if s is not None and (url / p_name(s) / COMMIT_NAME).exists())
+    assert committed[-1] == 60
+
+
+def p_name(step: int) -> str:
+    return f"step_{step:012d}"
+
+
+def test_hierarchy_that_no_longer_fits_fails_every_worker_without_hanging(tmp_path):
+    args = ["--steps", "20", "--hierarchy", "2:4,8:world", "--checkpoint-url", str(tmp_path / "ckpt")]
+    agent = Agent(_single_node(free_port(), nproc=2, max_restarts=0), args, tmp_path, "misfit")
+    try:
+        agent.proc.wait(timeout=90)
+    finally:
+        agent.stop()
+    assert agent.proc.returncode != 0
+    stderr = agent.stderr_tail(200_000)
+    assert stderr.count("does not fit world size 2") >= 2, stderr[-3000:]
+    assert "group size 4 (period 2) does not divide the world size 2" in stderr or "is smaller than 4" in stderr

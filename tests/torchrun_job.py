@@ -1,0 +1,114 @@
+"""Start real torchrun agents, read the example's JSON lines, kill what was started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "train_digits.py")
+FAST_RDZV = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+class Agent:
+    """One torchrun agent with its workers."""
+
+    def __init__(self, torchrun_args: list[str], script_args: list[str], log_dir: Path, name: str):
+        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.name = name
+        self.stderr_path = log_dir / f"{name}.stderr"
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *torchrun_args, EXAMPLE, *script_args],
+            stdout=subprocess.PIPE,
+            stderr=open(self.stderr_path, "w"),
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                with self._lock:
+                    self.events.append(event)
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return list(self.events)
+
+    def wait_for(self, predicate, deadline_s: float, what: str) -> dict:
+        end = time.monotonic() + deadline_s
+        seen = 0
+        while time.monotonic() < end:
+            events = self.snapshot()
+            for event in events[seen:]:
+                if predicate(event):
+                    return event
+            seen = len(events)
+            if self.proc.poll() is not None and len(self.snapshot()) == seen:
+                break
+            time.sleep(0.01)
+        raise AssertionError(f"{self.name}: no {what} within {deadline_s} s; events {self.snapshot()[-8:]}; stderr tail:\n{self.stderr_tail()}")
+
+    def stderr_tail(self, n: int = 4000) -> str:
+        try:
+            return self.stderr_path.read_text()[-n:]
+        except OSError:
+            return ""
+
+    def worker_pids(self) -> list[int]:
+        """Live worker processes of this agent (torchrun puts them in sessions of their own)."""
+        pids = []
+        for event in self.snapshot():
+            if event.get("event") == "worker" and _parent_of(event["pid"]) == self.proc.pid:
+                pids.append(event["pid"])
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL the agent and its workers, as a lost node."""
+        pids = self.worker_pids()
+        for pid in [self.proc.pid, *pids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            pids = self.worker_pids()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait(timeout=10)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def all_events(*agents: Agent) -> list[dict]:
+    return [e for a in agents for e in a.snapshot()]
