@@ -70,12 +70,12 @@ class Agent:
             return ""
 
     def worker_pids(self) -> list[int]:
-        """Live worker processes of this agent (torchrun puts them in sessions of their own)."""
-        pids = []
-        for event in self.snapshot():
-            if event.get("event") == "worker" and _parent_of(event["pid"]) == self.proc.pid:
-                pids.append(event["pid"])
-        return pids
+        """Worker processes this agent started (torchrun puts them in sessions of their own).
+
+        Each agent's stdout carries only its own workers' lines; pids of workers
+        that already exited are skipped.
+        """
+        return [e["pid"] for e in self.snapshot() if e.get("event") == "worker" and Path(f"/proc/{e['pid']}").exists()]
 
     def kill(self) -> None:
         """SIGKILL the agent and its workers, as a lost node."""
@@ -100,14 +100,6 @@ class Agent:
                 except ProcessLookupError:
                     pass
             self.proc.wait(timeout=10)
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def all_events(*agents: Agent) -> list[dict]:
