@@ -42,6 +42,7 @@ class Agent:
                     event = json.loads(line)
                 except ValueError:
                     continue
+                event["_t"] = time.monotonic()  # arrival time, for recovery measurements
                 with self._lock:
                     self.events.append(event)
 
@@ -75,17 +76,22 @@ class Agent:
         Each agent's stdout carries only its own workers' lines; pids of workers
         that already exited are skipped.
         """
-        return [e["pid"] for e in self.snapshot() if e.get("event") == "worker" and Path(f"/proc/{e['pid']}").exists()]
+        return [e["pid"] for e in self.snapshot() if e.get("event") == "worker" and _alive(e["pid"])]
 
     def kill(self) -> None:
-        """SIGKILL the agent and its workers, as a lost node."""
+        """SIGKILL this agent's workers and the agent itself, as a lost node."""
         pids = self.worker_pids()
-        for pid in [self.proc.pid, *pids]:
+        assert pids, f"{self.name}: no live worker pids known; events {self.snapshot()}"
+        for pid in [*pids, self.proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.proc.wait(timeout=10)
+        end = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < end, f"{self.name}: workers {pids} survived SIGKILL"
+            time.sleep(0.01)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -100,6 +106,14 @@ class Agent:
                 except ProcessLookupError:
                     pass
             self.proc.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def all_events(*agents: Agent) -> list[dict]:
