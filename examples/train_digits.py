@@ -89,9 +89,16 @@ def params_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def print_json(event: dict) -> None:
+    # One write per line: every rank shares the agent's stdout, and print()'s
+    # separate newline write would let lines of different ranks interleave.
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
 def emit(rank: int, **event) -> None:
     if rank == 0:
-        print(json.dumps(event), flush=True)
+        print_json(event)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s rank" + os.environ.get("RANK", "?") + " %(message)s", stream=sys.stderr)
     info = init_distributed(timeout=timedelta(seconds=args.collective_timeout))
     device = torch.device("cuda", info.local_rank) if info.backend == "nccl" else torch.device("cpu")
-    print(json.dumps({"event": "worker", "rank": info.rank, "pid": os.getpid(), "world_size": info.world_size}), flush=True)
+    print_json({"event": "worker", "rank": info.rank, "pid": os.getpid(), "world_size": info.world_size})
 
     x_train, y_train, x_test, y_test = load_data(args.seed)
     torch.manual_seed(args.seed)
