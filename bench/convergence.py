@@ -21,7 +21,6 @@ and a PNG of test accuracy versus global bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket
@@ -172,15 +171,19 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in CONFIGS:
+    styles = [("-", "o"), ("-", "s"), ("-", "^"), ("--", "x")]  # (c) and (d) coincide at 4 workers
+    for (name, _), (line, marker) in zip(CONFIGS.items(), styles):
         rs = [r for r in runs if r["name"] == name]
         points = list(zip(*[r["curve"] for r in rs]))
         xs = [statistics.mean(p[1] for p in pts) / 1e6 for pts in points]
         ys = [statistics.mean(p[2] for p in pts) * 100 for pts in points]
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.plot(xs, ys, linestyle=line, marker=marker, markersize=4, label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("global all-reduce traffic per rank so far (MB, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(80, 100)
@@ -190,7 +193,6 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     fig.tight_layout()
     fig.savefig(out_dir / "convergence.png", dpi=120)
     (out_dir / "convergence.md").write_text(table + "\n")
-    (out_dir / "convergence.json").write_text(json.dumps(runs))
     return table
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 
-import pytest
 
 from tests.distributed import run_workers
 
