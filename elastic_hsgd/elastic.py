@@ -140,18 +140,25 @@ def next_generation(manager: CheckpointManager) -> int:
     ``TORCHELASTIC_RESTART_COUNT`` differs between nodes; this does not: rank 0
     of each new world reads, increments and atomically rewrites it, and shares it.
     """
-    value = None
+    value: int | None = None
+    error: str | None = None
     if manager.rank == 0:
         path = manager.storage.path(GENERATION_FILE)
         try:
-            value = int(json.loads(manager.storage.read_file(path))["generation"]) + 1
-        except FileNotFoundError:
-            value = 0
-        except (ValueError, KeyError) as exc:
-            logger.warning("unreadable %s (%r); starting generations again at 0", path, exc)
-            value = 0
-        manager.storage.write_atomic(path, json.dumps({"generation": value}).encode())
-    return manager.all_gather_object(value)[0]
+            try:
+                value = int(json.loads(manager.storage.read_file(path))["generation"]) + 1
+            except FileNotFoundError:
+                value = 0
+            except (ValueError, KeyError) as exc:
+                logger.warning("unreadable %s (%r); starting generations again at 0", path, exc)
+                value = 0
+            manager.storage.write_atomic(path, json.dumps({"generation": value}).encode())
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait in the gather below
+            error = f"cannot update {path}: {exc!r}"
+    value, error = manager.all_gather_object((value, error))[0]
+    if error:
+        raise RuntimeError(error)
+    return value
 
 
 @dataclass(frozen=True)
