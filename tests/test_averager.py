@@ -31,8 +31,9 @@ def test_construction_rejects_bad_input(single_process_group, config, warmup, me
 
 
 def test_max_period_one_warns_like_torch(single_process_group):
-    with pytest.warns(UserWarning, match="period"):
+    with pytest.warns(UserWarning, match="period") as record:
         HierarchicalModelAverager({1: "world"})
+    assert "plain DDP" in str(record[0].message)
 
 
 def test_state_dict_is_plain_json_and_round_trips(single_process_group):
@@ -94,10 +95,12 @@ def _mixed_and_tied_worker(rank: int, world_size: int) -> None:
     averager.average_parameters(model.parameters())  # step 3: nothing
     averager.average_parameters(model.parameters())  # step 4: world
     assert torch.equal(shared.bias, torch.full((3,), 1.5))
+    return [p.dtype for p in model.parameters()]
 
 
 def test_mixed_dtypes_and_tied_parameters():
-    run_workers(_mixed_and_tied_worker, 4)
+    dtypes = run_workers(_mixed_and_tied_worker, 4)
+    assert dtypes == [[torch.float32, torch.float32, torch.float64, torch.float64]] * 4
 
 
 def _rebuild_worker(rank: int, world_size: int, port: int) -> dict:
