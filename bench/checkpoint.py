@@ -11,6 +11,7 @@ is measured side by side in one run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="fsspec URL (default: a temporary local folder)")
     parser.add_argument("--mb", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--storage-options", default="{}", help="JSON for fsspec, e.g. an S3 endpoint_url")
     args = parser.parse_args()
     url = args.url or tempfile.mkdtemp(prefix="elastic-hsgd-bench-")
 
@@ -37,10 +39,11 @@ def main() -> None:
     layers = max(1, round(args.mb * 2**20 / 4 / (width * width + width)))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
     state = {"model": model}
-    manager = CheckpointManager(url, keep=2, include_rng=False)
+    options = json.loads(args.storage_options)
+    manager = CheckpointManager(url, keep=2, include_rng=False, storage_options=options)
     data = b"".join(bytes(c) for c in serialize(capture(state, include_rng=False)))
     nbytes = len(data)
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = fsspec.core.url_to_fs(url, **options)
     plain_path = f"{root.rstrip('/')}/plain.bin"
 
     plain, sync, async_block, async_total = [], [], [], []
