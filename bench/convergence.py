@@ -2,14 +2,15 @@
 
     python bench/convergence.py [--seeds 0 1 2] [--steps 641] [--out docs]
 
-4 gloo workers on this machine, scikit-learn's digits with a fixed held-out
+`--world-size` gloo workers on this machine (4 by default), scikit-learn's digits with a fixed held-out
 test split, the same MLP, seeds, learning-rate schedule and number of steps for:
 
 (a) DDP: gradients all-reduced over the world every step;
 (b) post-local SGD, one level: torch's ``PeriodicModelAverager`` (period 8);
 (c) elastic_hsgd's averager, two levels {2: 2, 16: world};
-(d) elastic_hsgd's averager, three levels {2: 2, 16: 4, 32: 4} (at 4 workers a
-    third level can only repeat a group size, as in torch's own tests).
+(d) elastic_hsgd's averager, three levels: {2: 2, 16: 4, 32: 4} at 4 workers (where
+    a third level can only repeat a group size, as in torch's own tests), and
+    {2: 2, 8: 4, 32: world} with ``--world-size 8``.
 
 (b)-(d) run torch's post-local-SGD hook: global gradient all-reduce for the
 first ``--warmup`` steps, local steps after. Every ``dist.all_reduce`` is
@@ -44,14 +45,16 @@ from elastic_hsgd import HierarchicalModelAverager  # noqa: E402
 from elastic_hsgd.elastic import attach_post_local_sgd  # noqa: E402
 from train_digits import batch_indices, load_data  # noqa: E402
 
-CONFIGS = OrderedDict(
-    [
-        ("(a) DDP", None),
-        ("(b) post-local SGD, period 8", "periodic"),
-        ("(c) hierarchical {2:2, 16:world}", {2: 2, 16: "world"}),
-        ("(d) hierarchical {2:2, 16:4, 32:4}", {2: 2, 16: 4, 32: 4}),
-    ]
-)
+def configs(world: int) -> OrderedDict:
+    three = {2: 2, 16: 4, 32: 4} if world < 8 else {2: 2, 8: 4, 32: "world"}
+    return OrderedDict(
+        [
+            ("(a) DDP", None),
+            ("(b) post-local SGD, period 8", "periodic"),
+            ("(c) hierarchical {2:2, 16:world}", {2: 2, 16: "world"}),
+            ("(d) hierarchical {" + ", ".join(f"{p}:{s}" for p, s in three.items()) + "}", three),
+        ]
+    )
 
 
 class TrafficCounter:
@@ -136,7 +139,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
     data = load_data(0)
     out = []
     for seed in args.seeds:
-        for name, config in CONFIGS.items():
+        for name, config in configs(world).items():
             dist.barrier()
             out.append(run_one(name, config, seed, args, data, counter, rank, world))
     if rank == 0:
@@ -145,16 +148,18 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
 
 
 def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
+    names = list(configs(args.world_size))
+    suffix = "" if args.world_size == 4 else f"-w{args.world_size}"
     ddp_acc = statistics.mean(r["accuracy"] for r in runs if r["name"] == "(a) DDP")
     ddp_bytes = statistics.mean(r["global_bytes"] for r in runs if r["name"] == "(a) DDP")
     lines = [
-        f"4 gloo workers, {args.steps} steps, batch {args.batch_size}/worker, seeds {args.seeds}, warmup {args.warmup} steps, "
+        f"{args.world_size} gloo workers, {args.steps} steps, batch {args.batch_size}/worker, seeds {args.seeds}, warmup {args.warmup} steps, "
         "bytes per rank",
         "",
         "| configuration | test accuracy (mean ± sd) | vs DDP | global bytes | fewer global bytes | subgroup bytes | wall s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in CONFIGS:
+    for name in names:
         rs = [r for r in runs if r["name"] == name]
         accs = [r["accuracy"] * 100 for r in rs]
         gb = statistics.mean(r["global_bytes"] for r in rs)
@@ -175,7 +180,7 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = [("-", "o"), ("-", "s"), ("-", "^"), ("--", "x")]  # (c) and (d) coincide at 4 workers
-    for (name, _), (line, marker) in zip(CONFIGS.items(), styles):
+    for name, (line, marker) in zip(names, styles):
         rs = [r for r in runs if r["name"] == name]
         points = list(zip(*[r["curve"] for r in rs]))
         xs = [statistics.mean(p[1] for p in pts) / 1e6 for pts in points]
@@ -187,12 +192,12 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     ax.set_xlabel("global all-reduce traffic per rank so far (MB, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(80, 100)
-    ax.set_title(f"digits, 4 workers: accuracy vs global traffic (mean of {len(args.seeds)} seeds)")
+    ax.set_title(f"digits, {args.world_size} workers: accuracy vs global traffic (mean of {len(args.seeds)} seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "convergence.png", dpi=120)
-    (out_dir / "convergence.md").write_text(table + "\n")
+    fig.savefig(out_dir / f"convergence{suffix}.png", dpi=120)
+    (out_dir / f"convergence{suffix}.md").write_text(table + "\n")
     return table
 
 
@@ -205,6 +210,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--world-size", type=int, default=4, help="8 or more gives (d) a real third level")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,14 +219,15 @@ def main() -> None:
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(rank, 4, port, args, results)) for rank in range(4)]
+    procs = [ctx.Process(target=worker, args=(rank, args.world_size, port, args, results)) for rank in range(args.world_size)]
     for p in procs:
         p.start()
     runs = results.get(timeout=3600)
     for p in procs:
         p.join()
     print(summarize(runs, args, out_dir))
-    print(f"\nwrote {out_dir / 'convergence.md'} and {out_dir / 'convergence.png'}")
+    suffix = "" if args.world_size == 4 else f"-w{args.world_size}"
+    print(f"\nwrote {out_dir / f'convergence{suffix}.md'} and {out_dir / f'convergence{suffix}.png'}")
 
 
 if __name__ == "__main__":
