@@ -14,9 +14,11 @@ world size. Rank 0 prints JSON lines: ``started``/``resumed``, ``progress``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -81,6 +83,12 @@ def batch_indices(seed: int, step: int, rank: int, world_size: int, batch_size: 
     return torch.randint(0, n, (world_size * batch_size,), generator=g)[rank * batch_size : (rank + 1) * batch_size]
 
 
+def test_accuracy(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, device: torch.device) -> float:
+    """Accuracy of this rank's replica on the held-out split."""
+    with torch.no_grad():
+        return (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
+
+
 def params_sha256(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
@@ -99,6 +107,37 @@ def print_json(event: dict) -> None:
 def emit(rank: int, **event) -> None:
     if rank == 0:
         print_json(event)
+
+
+def train(args, info, device, ddp, state, manager, start_step, progress, data) -> float:
+    """Steps ``start_step .. args.steps - 1``; returns the last loss."""
+    x_train, y_train, x_test, y_test = data
+    model, optimizer, averager = state["model"], state["optimizer"], state["averager"]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loss = torch.tensor(float("nan"))
+    for step in range(start_step, args.steps):
+        idx = batch_indices(args.seed, step, info.rank, info.world_size, args.batch_size, len(x_train))
+        xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(ddp(xb), yb)
+        loss.backward()
+        optimizer.step()
+        averager.average_parameters(ddp.parameters())
+        done = step + 1
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            manager.save(done, state)
+            emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
+        if done % args.log_every == 0:
+            emit(
+                info.rank, event="progress", step=done, loss=round(loss.item(), 5),
+                test_accuracy=round(test_accuracy(model, x_test, y_test, device), 4), world_size=info.world_size,
+            )
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", world=info.world_size)
+        if args.step_delay:
+            time.sleep(args.step_delay)
+    return loss.item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,39 +172,22 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     progress = None
+    quiet_logs = contextlib.nullcontext()
     if info.rank == 0 and sys.stderr.isatty():
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         progress = tqdm(total=args.steps, initial=resumed.step, desc="train", unit="step")
-    loss_fn = torch.nn.CrossEntropyLoss()
-    loss = torch.tensor(float("nan"))
-    for step in range(resumed.step, args.steps):
-        idx = batch_indices(args.seed, step, info.rank, info.world_size, args.batch_size, len(x_train))
-        xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(ddp(xb), yb)
-        loss.backward()
-        optimizer.step()
-        averager.average_parameters(ddp.parameters())
-        done = step + 1
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            manager.save(done, state)
-            emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
-        if done % args.log_every == 0:
-            emit(info.rank, event="progress", step=done, loss=round(loss.item(), 5), world_size=info.world_size)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", world=info.world_size)
-        if args.step_delay:
-            time.sleep(args.step_delay)
+        quiet_logs = logging_redirect_tqdm()  # log lines above the bar, not through it
+    with quiet_logs:
+        loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test))
     manager.close()
     if progress is not None:
         progress.close()
 
-    with torch.no_grad():
-        accuracy = (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
+    accuracy = test_accuracy(model, x_test, y_test, device)
     emit(
-        info.rank, event="done", step=averager.step, world_size=info.world_size, loss=round(loss.item(), 6),
+        info.rank, event="done", step=averager.step, world_size=info.world_size, loss=None if math.isnan(loss) else round(loss, 6),
         test_accuracy=round(accuracy, 4), params_sha256=params_sha256(model),
     )
     dist.destroy_process_group()

@@ -96,7 +96,7 @@ def _tensor(data: bytes, base: int, entry: dict) -> torch.Tensor:
         raise ValueError(f"tensor entry {entry} does not fit the file")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(data[offset : offset + nbytes]), dtype=torch.uint8)
+    flat = torch.frombuffer(bytearray(memoryview(data)[offset : offset + nbytes]), dtype=torch.uint8)
     return flat.view(dtype).reshape(shape)
 
 
