@@ -70,6 +70,21 @@ def test_async_save_returns_and_commits(checkpoint_url):
         assert torch.equal(restored["model"].weight, before)
 
 
+def test_pending_async_save_is_committed_at_exit(tmp_path):
+    script = (
+        "import sys, torch\n"
+        "from elastic_hsgd import CheckpointManager\n"
+        "manager = CheckpointManager(sys.argv[1], async_save=True)\n"
+        "manager.save(5, {'weights': torch.arange(1_000_000.0)})\n"
+        "print('returned', flush=True)\n"  # then the interpreter exits with the save pending
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "returned", out.stderr
+    manager = CheckpointManager(str(tmp_path / "ckpt"))
+    state = {"weights": torch.zeros(1)}
+    assert manager.load_latest(state) == 5 and torch.equal(state["weights"], torch.arange(1_000_000.0))
+
+
 def _corrupt(fs, path, how):
     data = fs.cat_file(path)
     if how == "truncated":
