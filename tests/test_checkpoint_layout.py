@@ -37,7 +37,7 @@ def test_retention_keeps_newest_and_never_touches_newer_partials(committed, part
 
 
 def test_commit_record_round_trip_and_rejects_bad_records():
-    record = CommitRecord(7, 2, (FileEntry("rank_00000.pt", "crc32:00000001", 10), FileEntry("rank_00001.pt", "crc32:00000002", 12)), 1.0, {"step": 7})
+    record = CommitRecord(7, 2, (FileEntry("rank_00000.ehsgd", "crc32:00000001", 10), FileEntry("rank_00001.ehsgd", "crc32:00000002", 12)), 1.0, {"step": 7})
     assert CommitRecord.from_json(record.to_json()) == record
     assert record.total_bytes == 22
     bad = record.to_json() | {"world_size": 3}

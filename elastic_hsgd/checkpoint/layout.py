@@ -2,8 +2,8 @@
 
 ::
 
-    <url>/step_000000001200/rank_00000.pt    one file per rank: its own state
-    <url>/step_000000001200/rank_00001.pt
+    <url>/step_000000001200/rank_00000.ehsgd    one file per rank: its own state
+    <url>/step_000000001200/rank_00001.ehsgd
     <url>/step_000000001200/COMMIT.json      written last; without it the step does not exist
 
 Local SGD leaves ranks with different parameters between averaging points, so
@@ -37,7 +37,7 @@ def parse_step_dir(name: str) -> int | None:
 
 
 def rank_file_name(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
+    return f"rank_{rank:05d}.ehsgd"
 
 
 def source_rank(rank: int, saved_world_size: int) -> int:
