@@ -114,7 +114,10 @@ class HierarchicalModelAverager(ModelAverager):
         (no rank hangs) if the hierarchy no longer fits the world.
         """
         self._destroy_owned_groups()
-        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        overall = process_group if process_group is not None else dist.group.WORLD
+        if overall is None:
+            raise RuntimeError("torch.distributed is not initialised: call init_process_group() first.")
+        self.process_group = overall
         world_size = dist.get_world_size(self.process_group)
         local_world_size = self._local_world_size
         if local_world_size is None and "LOCAL_WORLD_SIZE" in os.environ:

@@ -51,13 +51,15 @@ def encode(tree: Any) -> list[bytes | memoryview]:
     """The file as a list of chunks; tensor chunks are views of tensor memory."""
     tensors: list[torch.Tensor] = []
     encoded = _encode(tree, tensors, "state")
-    table, raw, offset = [], [], 0
+    table: list[dict[str, Any]] = []
+    raw: list[bytes | memoryview] = []
+    offset = 0
     for tensor in tensors:
         host = tensor.detach()
         if host.device.type != "cpu":
             host = host.cpu()
         host = host.contiguous()
-        data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
+        data = host.reshape(-1).view(torch.uint8).numpy().data if host.numel() else memoryview(b"")
         table.append({"dtype": str(host.dtype).removeprefix("torch."), "shape": list(host.shape), "offset": offset, "nbytes": data.nbytes})
         raw.append(data)
         raw.append(b"\0" * _pad(data.nbytes))
