@@ -15,9 +15,9 @@ from .checkpoint.storage import CheckpointError, Storage
 
 
 def _records(storage: Storage) -> list[CommitRecord]:
-    storage.fs.invalidate_cache(storage.root)
     records = []
-    for path in sorted(storage.fs.glob(storage.path("step_*", "COMMIT.json"))):
+    for step in storage.committed_steps():
+        path = storage.commit_path(step)
         try:
             records.append(CommitRecord.from_json(json.loads(storage.fs.cat_file(path))))
         except (ValueError, OSError) as exc:

@@ -93,6 +93,7 @@ class HierarchicalModelAverager(ModelAverager):
         self._owned_groups: list[dist.ProcessGroup] = []
         self._flat = FlatParameterBuffers()
         self.levels: tuple[Level, ...] = ()
+        self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
         self.rebuild(process_group)
 
@@ -142,6 +143,7 @@ class HierarchicalModelAverager(ModelAverager):
             )
         assert levels is not None
         self.levels = levels
+        self._periods = tuple(lv.period for lv in levels)
         self.period_process_group_dict = OrderedDict()
         member_ranks = dist.get_process_group_ranks(self.process_group)
         my_group_rank = dist.get_rank(self.process_group)
@@ -173,7 +175,7 @@ class HierarchicalModelAverager(ModelAverager):
 
     def average_parameters(self, params: Iterable[Any]) -> None:
         """Average ``model.parameters()`` or ``optimizer.param_groups`` if this step fires."""
-        index = level_for_step(self.step, self.warmup_steps, [lv.period for lv in self.levels])
+        index = level_for_step(self.step, self.warmup_steps, self._periods)
         if index is not None:
             group = self.period_process_group_dict[self.levels[index].period]
             self._average(params_to_average(params), group)

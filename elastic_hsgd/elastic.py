@@ -181,7 +181,7 @@ def resume(manager: CheckpointManager, state: dict[str, Any], averager: Hierarch
     previous = manager.last_loaded.world_size if manager.last_loaded is not None else None
     if step is not None and averager.step != step:
         raise ValueError(f"checkpoint step {step} but the averager resumed at step {averager.step}: was it in `state`?")
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = manager.world_size
     if manager.rank == 0:
         if step is None:
             logger.info("generation %d: no checkpoint at %s, starting at step 0 with world size %d", generation, manager.url, world)

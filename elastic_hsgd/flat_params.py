@@ -45,6 +45,14 @@ def params_to_average(params: Iterable[Any]) -> list[torch.Tensor]:
     return selected
 
 
+def _by_kind(params: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """Parameters grouped by (device, dtype), order kept: one buffer or reduction each."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return groups
+
+
 def _flattenable(tensor: torch.Tensor) -> bool:
     return tensor.layout == torch.strided and tensor.is_contiguous()
 
@@ -73,12 +81,9 @@ class FlatParameterBuffers:
         return self._buffers
 
     def _flatten(self, params: list[torch.Tensor]) -> None:
-        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for p in params:
-            by_kind.setdefault((p.device, p.dtype), []).append(p)
         buffers = []
         with torch.no_grad():
-            for (device, dtype), members in by_kind.items():
+            for (device, dtype), members in _by_kind(params).items():
                 flat = torch.empty(sum(p.numel() for p in members), dtype=dtype, device=device)
                 offset = 0
                 for p in members:
@@ -102,12 +107,9 @@ def average_by_copy(params: list[torch.Tensor], group: Any) -> None:
     """Fallback for parameters that cannot be flattened: coalesce, reduce, copy back."""
     import torch.distributed as dist
 
-    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for p in params:
-        by_kind.setdefault((p.device, p.dtype), []).append(p)
     size = dist.get_world_size(group)
     with torch.no_grad():
-        for members in by_kind.values():
+        for members in _by_kind(params).values():
             flat = torch.cat([p.data.reshape(-1) for p in members])
             flat /= size
             dist.all_reduce(flat, group=group)

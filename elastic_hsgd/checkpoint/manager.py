@@ -15,7 +15,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..averager import HierarchicalModelAverager
-from .layout import COMMIT_NAME, CommitRecord, FileEntry, parse_step_dir, plan_retention, rank_file_name, source_rank, step_dir_name
+from .layout import CommitRecord, FileEntry, plan_retention, rank_file_name, source_rank, step_dir_name
 from .state import capture, deserialize, restore, serialize
 from .storage import CheckpointError, Storage, checksum_of
 
@@ -199,7 +199,7 @@ class CheckpointManager:
                 extra=extra,
             )
             try:
-                self.storage.write_atomic(f"{step_dir}/{COMMIT_NAME}", json.dumps(record.to_json(), indent=1).encode())
+                self.storage.write_atomic(self.storage.commit_path(step), json.dumps(record.to_json(), indent=1).encode())
             except Exception as exc:  # noqa: BLE001
                 commit_error = f"{type(exc).__name__}: {exc}"
             else:
@@ -217,14 +217,12 @@ class CheckpointManager:
 
     def _apply_retention(self, just_committed: int) -> None:
         try:
-            committed = self.steps()
-            present = [s for s in map(parse_step_dir, self.storage.list_step_dirs()) if s is not None]
-            drop_committed, drop_partial = plan_retention(committed, present, self.keep, just_committed)
+            drop_committed, drop_partial = plan_retention(self.steps(), self.storage.step_dirs(), self.keep, just_committed)
             for step in drop_committed + drop_partial:
                 # The commit record goes first, so a half-deleted step is never "committed".
                 step_dir = self.storage.path(step_dir_name(step))
                 if step in drop_committed:
-                    self.storage.fs.rm_file(f"{step_dir}/{COMMIT_NAME}")
+                    self.storage.fs.rm_file(self.storage.commit_path(step))
                 self.storage.remove_tree(step_dir)
                 logger.info("deleted %s checkpoint step %d", "old" if step in drop_committed else "partial", step)
         except Exception as exc:  # noqa: BLE001 - retention must never fail a committed save
@@ -234,16 +232,12 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        self.storage.fs.invalidate_cache(self.storage.root)
-        commits = self.storage.fs.glob(self.storage.path("step_*", COMMIT_NAME))
-        steps = (parse_step_dir(c.rstrip("/").rsplit("/", 2)[-2]) for c in commits)
-        return sorted(s for s in steps if s is not None)
+        return self.storage.committed_steps()
 
     def commit_record(self, step: int) -> CommitRecord:
         """The parsed commit record of a committed step."""
-        path = self.storage.path(step_dir_name(step), COMMIT_NAME)
         try:
-            raw = self.storage.read_file(path)
+            raw = self.storage.read_file(self.storage.commit_path(step))
         except FileNotFoundError:
             raise CheckpointError(f"no committed checkpoint of step {step} at {self.url}; committed: {self.steps()}") from None
         try:

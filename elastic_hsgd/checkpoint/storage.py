@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import fsspec
 
+from .layout import COMMIT_NAME, parse_step_dir, step_dir_name
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -118,12 +120,23 @@ class Storage:
     def read_file(self, path: str) -> bytes:
         return self.retry(f"reading {self.fs.unstrip_protocol(path)}", lambda: self.fs.cat_file(path))
 
-    def list_step_dirs(self) -> list[str]:
+    def step_dirs(self) -> list[int]:
+        """Steps that have a directory, committed or not, oldest first."""
+        self.fs.invalidate_cache(self.root)
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return []
-        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return sorted(s for s in map(parse_step_dir, entries) if s is not None)
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose commit record exists, oldest first (a fresh listing: other ranks write too)."""
+        self.fs.invalidate_cache(self.root)
+        commits = self.fs.glob(self.path("step_*", COMMIT_NAME))
+        return sorted(s for s in (parse_step_dir(c.rsplit("/", 1)[0]) for c in commits) if s is not None)
+
+    def commit_path(self, step: int) -> str:
+        return self.path(step_dir_name(step), COMMIT_NAME)
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
