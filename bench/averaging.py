@@ -34,6 +34,7 @@ from torch.distributed.algorithms.model_averaging.hierarchical_model_averager im
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from elastic_hsgd import HierarchicalModelAverager  # noqa: E402
+from tests.distributed import free_port  # noqa: E402
 
 
 def make_model(n_params: int) -> torch.nn.Module:
@@ -106,11 +107,8 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--iters", type=int, default=30)
     args = parser.parse_args()
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(worker, args=(args.world_size, port, args), nprocs=args.world_size)
 
 

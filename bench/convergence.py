@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from elastic_hsgd import HierarchicalModelAverager  # noqa: E402
+from tests.distributed import free_port  # noqa: E402
 from elastic_hsgd.elastic import attach_post_local_sgd  # noqa: E402
 from train_digits import batch_indices, load_data  # noqa: E402
 
@@ -214,9 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=worker, args=(rank, args.world_size, port, args, results)) for rank in range(args.world_size)]

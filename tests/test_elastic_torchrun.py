@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from elastic_hsgd.checkpoint.layout import COMMIT_NAME, parse_step_dir
+from elastic_hsgd.checkpoint.layout import COMMIT_NAME
+from elastic_hsgd.checkpoint.storage import Storage
 from tests.distributed import free_port
 from tests.torchrun_job import FAST_RDZV, Agent
 
@@ -137,12 +138,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
     assert not committed_at_kill, "the kill landed after the commit; the window was missed"
     assert resumed["step"] == 10
     assert done["step"] == 60
-    committed = sorted(s for s in (parse_step_dir(p.name) for p in url.iterdir()) if s is not None and (url / p_name(s) / COMMIT_NAME).exists())
-    assert committed[-1] == 60
-
-
-def p_name(step: int) -> str:
-    return f"step_{step:012d}"
+    assert Storage(str(url)).committed_steps()[-1] == 60
 
 
 def test_hierarchy_that_no_longer_fits_fails_every_worker_without_hanging(tmp_path):

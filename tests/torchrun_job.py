@@ -115,6 +115,3 @@ def _alive(pid: int) -> bool:
         return False
     return state != "Z"
 
-
-def all_events(*agents: Agent) -> list[dict]:
-    return [e for a in agents for e in a.snapshot()]
