@@ -1,6 +1,7 @@
 """Command line: ``python -m elastic_hsgd ls URL`` and ``python -m elastic_hsgd inspect URL [--step N]``.
 
-Both read only commit records (JSON); no tensor file is opened.
+Both read only commit records (JSON, size-capped; the counts they claim are
+capped before use); no tensor file is opened.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ def _records(storage: Storage) -> list[CommitRecord]:
     for step in storage.committed_steps():
         path = storage.commit_path(step)
         try:
-            records.append(CommitRecord.from_json(json.loads(storage.fs.cat_file(path))))
-        except (ValueError, OSError) as exc:
+            records.append(CommitRecord.from_json(json.loads(storage.read_file(path))))
+        except (ValueError, OSError, RecursionError, CheckpointError) as exc:
             print(f"warning: unreadable commit record {path}: {exc}", file=sys.stderr)
     return records
 

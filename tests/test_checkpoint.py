@@ -101,7 +101,7 @@ def test_damaged_newest_falls_back_with_a_warning(checkpoint_url, how, caplog):
     manager.save(1, good)
     manager.save(2, _training_state(1))
     fs, root = _files(url, options)
-    _corrupt(fs, f"{root}/{step_dir_name(2)}/rank_00000.ehsgd", how)
+    _corrupt(fs, f"{root}/{step_dir_name(2)}/rank_00000.safetensors", how)
     restored = _training_state(3)
     with caplog.at_level("WARNING"):
         assert manager.load_latest(restored) == 1
@@ -116,7 +116,7 @@ def test_partial_checkpoint_is_ignored_then_cleaned(checkpoint_url):
     fs, root = _files(url, options)
     partial = f"{root}/{step_dir_name(2)}"
     fs.makedirs(partial, exist_ok=True)
-    fs.pipe_file(f"{partial}/rank_00000.ehsgd", b"half a file")
+    fs.pipe_file(f"{partial}/rank_00000.safetensors", b"half a file")
     fs.pipe_file(f"{partial}/{COMMIT_NAME}.tmp-abc", b"{")
     assert manager.steps() == [1]
     assert manager.load_latest(_training_state(2)) == 1
@@ -141,10 +141,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, caplog):
     manager.save(2, _training_state(0))
     marker = tmp_path / "pwned"
     step_dir = tmp_path / "ckpt" / step_dir_name(2)
-    torch.save({"model": _RunsCode(str(marker))}, step_dir / "rank_00000.ehsgd")
+    torch.save({"model": _RunsCode(str(marker))}, step_dir / "rank_00000.safetensors")
     # The attacker also rewrites the commit record, so checksums match.
     record = json.loads((step_dir / COMMIT_NAME).read_text())
-    data = (step_dir / "rank_00000.ehsgd").read_bytes()
+    data = (step_dir / "rank_00000.safetensors").read_bytes()
     record["files"][0].update(checksum=f"crc32:{zlib.crc32(data):08x}", bytes=len(data))
     (step_dir / COMMIT_NAME).write_text(json.dumps(record))
     with caplog.at_level("WARNING"):
@@ -225,6 +225,6 @@ def test_cli_ls_and_inspect(tmp_path):
     assert ls.stdout.split("\n")[1].split()[:2] == ["12", "1"]
     out = subprocess.run([sys.executable, "-m", "elastic_hsgd", "inspect", url], capture_output=True, text=True, check=True)
     record = json.loads(out.stdout)
-    assert record["averager"]["step"] == 12 and record["averager"]["levels"] == [[2, 1]]
+    assert record["entries"]["averager"]["step"] == 12 and record["entries"]["averager"]["levels"] == [[2, 1]]
     missing = subprocess.run([sys.executable, "-m", "elastic_hsgd", "inspect", url, "--step", "5"], capture_output=True, text=True)
     assert missing.returncode == 1 and "step 5 is not committed" in missing.stderr

@@ -156,7 +156,7 @@ def _one_rank_fails_worker(rank: int, world_size: int, url: str) -> str:
             return super()._strip_protocol(path.replace("brokenonone://", "file://", 1))
 
         def _open(self, path, mode="rb", **kwargs):
-            if "w" in mode and rank == 1 and path.endswith(".ehsgd"):
+            if "w" in mode and rank == 1 and path.endswith(".safetensors"):
                 raise ConnectionResetError("injected: storage unreachable from rank 1")
             return super()._open(path, mode, **kwargs)
 
@@ -203,7 +203,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(url)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "saved 1"
-        partial = url / step_dir_name(2) / "rank_00000.ehsgd"
+        partial = url / step_dir_name(2) / "rank_00000.safetensors"
         deadline = time.monotonic() + 60
         while not partial.exists():
             assert time.monotonic() < deadline and proc.poll() is None, "save of step 2 never started"

@@ -126,7 +126,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
         target = url / "step_000000000020"
         end = time.monotonic() + 60
         # Rank 0 writes its file first and the commit record last: kill it in between.
-        while not (target / "rank_00000.ehsgd").exists():
+        while not (target / "rank_00000.safetensors").exists():
             assert time.monotonic() < end, "second checkpoint never started"
             time.sleep(0.0005)
         os.kill(rank0, signal.SIGKILL)

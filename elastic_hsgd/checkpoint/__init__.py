@@ -1,7 +1,7 @@
 """Checkpoints to any fsspec URL: atomic, verified, safe, resumable at any world size."""
 
-from .layout import CommitRecord, source_rank
+from .layout import CommitRecord, saved_ranks_to_read
 from .manager import CheckpointManager
-from .storage import CheckpointError
+from .storage import CheckpointError, RetryPolicy
 
-__all__ = ["CheckpointManager", "CheckpointError", "CommitRecord", "source_rank"]
+__all__ = ["CheckpointManager", "CheckpointError", "CommitRecord", "RetryPolicy", "saved_ranks_to_read"]

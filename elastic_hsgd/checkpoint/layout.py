@@ -2,15 +2,19 @@
 
 ::
 
-    <url>/step_000000001200/rank_00000.ehsgd    one file per rank: its own state
-    <url>/step_000000001200/rank_00001.ehsgd
-    <url>/step_000000001200/COMMIT.json      written last; without it the step does not exist
+    <url>/step_000000001200/rank_00000.safetensors    one file per rank: its own state
+    <url>/step_000000001200/rank_00001.safetensors
+    <url>/step_000000001200/COMMIT.json               written last; without it the step does not exist
+
+The step label is the number of optimizer steps done when the state was
+captured: a run resumed from label ``n`` continues with step ``n``.
 
 Local SGD leaves ranks with different parameters between averaging points, so
 each rank saves its own model, optimizer and RNG state; exact resume needs all
 of them. ``COMMIT.json`` records every file's size and checksum, the world size,
-and the averager's state (plain JSON), so a reader can verify before loading
-and ``inspect`` needs no tensor file.
+and a summary of small entries (e.g. the averager's state), so a reader can
+verify before loading and ``inspect`` needs no tensor file. Checkpoints of
+version 0.1 (record format 1, ``rank_*.ehsgd`` files) are still read.
 """
 
 from __future__ import annotations
@@ -19,8 +23,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Record formats this version reads: 1 is elastic_hsgd 0.1 (``.ehsgd`` rank files).
+READABLE_FORMATS = {1: ".ehsgd", 2: ".safetensors"}
 COMMIT_NAME = "COMMIT.json"
+#: What a commit record may claim; a tampered record must not make a reader loop or allocate without bound.
+MAX_WORLD_SIZE = 1 << 20
+MAX_FILE_BYTES = 1 << 44
+MAX_COMMIT_BYTES = 256 << 20
 _STEP_DIR = re.compile(r"^step_(\d{12})$")
 
 
@@ -36,21 +46,37 @@ def parse_step_dir(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def rank_file_name(rank: int) -> str:
-    return f"rank_{rank:05d}.ehsgd"
+def rank_file_name(rank: int, record_format: int = FORMAT_VERSION) -> str:
+    return f"rank_{rank:05d}{READABLE_FORMATS[record_format]}"
 
 
-def source_rank(rank: int, saved_world_size: int) -> int:
-    """Which saved rank's state a rank loads.
+def saved_ranks_to_read(rank: int, world_size: int, saved_world_size: int) -> list[int]:
+    """Which saved ranks' files ``rank`` reads when resuming.
 
-    Same world size: its own (exact resume). Different world size: rank
-    ``rank % saved_world_size``, a complete replica (parameters, optimizer
-    state) of one saved rank; the averager's next averaging step makes the new
-    groups consistent again.
+    Same world size: its own (exact resume). Different world size: every new
+    rank gets the mean of all saved replicas, and reads a share of them, saved
+    ranks ``rank, rank + world_size, ...``; the shares cover each saved rank
+    once. A rank with an empty share (the world grew) contributes nothing to
+    the sum and reads saved rank ``rank % saved_world_size`` for the state's
+    structure only (see :func:`structure_rank`).
+
+    >>> saved_ranks_to_read(1, 2, 4), saved_ranks_to_read(3, 4, 2)
+    ([1, 3], [])
     """
-    if saved_world_size <= 0:
-        raise ValueError(f"saved world size {saved_world_size} must be positive.")
-    return rank % saved_world_size
+    for name, value in (("rank", rank), ("world_size", world_size), ("saved_world_size", saved_world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a non-negative int.")
+    if not 0 <= rank < world_size or saved_world_size == 0:
+        raise ValueError(f"rank {rank} of world {world_size} cannot read a checkpoint of world {saved_world_size}.")
+    if world_size == saved_world_size:
+        return [rank]
+    return list(range(rank, saved_world_size, world_size))
+
+
+def structure_rank(rank: int, world_size: int, saved_world_size: int) -> int:
+    """The saved rank whose file gives ``rank`` the state's structure and non-floating values."""
+    share = saved_ranks_to_read(rank, world_size, saved_world_size)
+    return share[0] if share else rank % saved_world_size
 
 
 @dataclass(frozen=True)
@@ -62,19 +88,28 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class CommitRecord:
+    """A committed step: its files and a summary of the state (plain JSON).
+
+    ``entries`` maps each saved entry name to a summary of its state
+    (``state_dict`` with tensors shown as ``"tensor(float32, [3, 4])"``) where
+    that is small, so ``inspect`` shows the averager's step and hierarchy
+    without opening a tensor file.
+    """
+
     step: int
     world_size: int
     files: tuple[FileEntry, ...]
     unix_time: float
-    averager: dict[str, Any] | None = None
+    entries: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+    format: int = FORMAT_VERSION
 
     @property
     def total_bytes(self) -> int:
         return sum(f.bytes for f in self.files)
 
     def file_for_rank(self, rank: int) -> FileEntry:
-        name = rank_file_name(rank)
+        name = rank_file_name(rank, self.format)
         for entry in self.files:
             if entry.name == name:
                 return entry
@@ -82,50 +117,93 @@ class CommitRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT_VERSION,
+            "format": self.format,
             "step": self.step,
             "world_size": self.world_size,
             "unix_time": self.unix_time,
             "files": [{"name": f.name, "checksum": f.checksum, "bytes": f.bytes} for f in self.files],
-            "averager": self.averager,
+            "entries": self.entries,
             "extra": self.extra,
         }
 
     @classmethod
     def from_json(cls, data: Any) -> "CommitRecord":
-        """Parse and check a commit record; ``ValueError`` names what is wrong."""
+        """Parse and check a commit record; ``ValueError`` names what is wrong.
+
+        Every count is checked against its cap before anything is built from it.
+        """
         if not isinstance(data, dict):
             raise ValueError(f"commit record is a {type(data).__name__}, not an object.")
-        if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"commit record format {data.get('format')!r} is not {FORMAT_VERSION}.")
+        record_format = data.get("format")
+        if record_format not in READABLE_FORMATS:
+            raise ValueError(f"commit record format {record_format!r} is not one of {sorted(READABLE_FORMATS)}.")
         try:
+            world_size = data["world_size"]
+            if isinstance(world_size, bool) or not isinstance(world_size, int) or not 1 <= world_size <= MAX_WORLD_SIZE:
+                raise ValueError(f"world_size {str(world_size)[:40]} is not an int in [1, {MAX_WORLD_SIZE}]")
+            if not isinstance(data["files"], list) or len(data["files"]) != world_size:
+                raise ValueError(f"files is not a list of world_size={world_size} entries")
             files = tuple(FileEntry(str(f["name"]), str(f["checksum"]), int(f["bytes"])) for f in data["files"])
+            if any(not 0 <= f.bytes <= MAX_FILE_BYTES for f in files):
+                raise ValueError(f"a file claims a size outside [0, {MAX_FILE_BYTES}]")
             record = cls(
                 step=int(data["step"]),
-                world_size=int(data["world_size"]),
+                world_size=world_size,
                 files=files,
                 unix_time=float(data["unix_time"]),
-                averager=data.get("averager"),
+                # Format 1 kept the averager's state under its own key.
+                entries=data.get("entries") if record_format != 1 else {"averager": data.get("averager")},
                 extra=data.get("extra"),
+                format=record_format,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"commit record is malformed: {exc!r}") from exc
-        expected = sorted(rank_file_name(r) for r in range(record.world_size))
+        step_dir_name(record.step)
+        expected = sorted(rank_file_name(r, record_format) for r in range(record.world_size))
         if sorted(f.name for f in files) != expected:
-            raise ValueError(f"commit record of step {record.step} lists files {[f.name for f in files]}, expected {expected}.")
+            shown = [f.name for f in files[:8]]
+            raise ValueError(f"commit record of step {record.step} lists files {shown}..., expected {expected[:8]}...")
         return record
 
 
-def plan_retention(committed: list[int], uncommitted: list[int], keep: int, just_committed: int) -> tuple[list[int], list[int]]:
+def plan_retention(
+    committed: list[int], uncommitted: list[int], keep: int, just_committed: int, previous: int | None = None
+) -> tuple[list[int], list[int]]:
     """Which step directories to delete after committing ``just_committed``.
 
-    Keeps the newest ``keep`` committed steps. Deletes uncommitted directories
-    only below the step just committed: saves are serialized, so those are
-    leftovers of a save that crashed, never one still being written.
+    ``previous`` is the step this run last loaded or saved before (``None`` on a
+    fresh start). The rule:
+
+    - The step just committed is never deleted.
+    - Committed steps newer than it, and those between ``previous`` and it,
+      are *superseded*: they belong to a timeline the run abandoned (it fell
+      back past a corrupt newest step, or loaded an older step on purpose), and
+      a restart must not go back to them. They are deleted.
+    - Of the committed steps older than it, the newest ``keep - 1`` are kept.
+    - Uncommitted directories other than the one just committed are leftovers
+      of crashed saves (saves are serialized) and are deleted.
+
+    >>> plan_retention([100, 150, 160, 200], [100, 150, 160, 200], keep=3, just_committed=160, previous=150)
+    ([200], [])
     """
     if keep < 1:
         raise ValueError(f"keep={keep} must be at least 1.")
-    newest_first = sorted(set(committed), reverse=True)
-    drop_committed = sorted(newest_first[keep:])
-    drop_partial = sorted(s for s in set(uncommitted) - set(committed) if s < just_committed)
+    done = set(committed) | {just_committed}
+    superseded = {s for s in done if s > just_committed or (previous is not None and previous < s < just_committed)}
+    older = sorted((s for s in done - superseded if s < just_committed), reverse=True)
+    drop_committed = sorted(superseded | set(older[keep - 1 :]))
+    drop_partial = sorted(s for s in set(uncommitted) - done)
     return drop_committed, drop_partial
+
+
+def summarize(value: Any, max_items: int = 64) -> Any:
+    """``value`` as plain JSON, tensors shown as ``"tensor(float32, [3, 4])"``; for commit records."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"tensor({str(value.dtype).removeprefix('torch.')}, {list(value.shape)})"
+    if isinstance(value, dict):
+        return {str(k): summarize(v, max_items) for k, v in list(value.items())[:max_items]}
+    if isinstance(value, (list, tuple)):
+        return [summarize(v, max_items) for v in value[:max_items]]
+    return type(value).__name__

@@ -7,38 +7,59 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from ..averager import HierarchicalModelAverager
-from .layout import CommitRecord, FileEntry, plan_retention, rank_file_name, source_rank, step_dir_name
-from .state import capture, deserialize, restore, serialize
-from .storage import CheckpointError, Storage, checksum_of
+import torch
+from . import replicas
+from .layout import CommitRecord, FileEntry, plan_retention, rank_file_name, saved_ranks_to_read, step_dir_name, structure_rank, summarize
+from .state import RNG_KEY, capture, copy_to_cpu, deserialize, restore, serialize
+from .storage import CheckpointError, RetryPolicy, Storage
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class CheckpointManager:
     """Save and resume a whole training state through any fsspec URL.
 
     Every rank writes its own state (parameters differ between averaging points
-    under local SGD); rank 0 then writes ``COMMIT.json`` with each file's
-    checksum. A checkpoint without its commit record does not exist for readers,
-    so a crash at any moment leaves the previous checkpoint loadable.
+    under local SGD) as a safetensors file; rank 0 then writes ``COMMIT.json``
+    with each file's checksum. A checkpoint without its commit record does not
+    exist for readers, so a crash at any moment leaves the previous checkpoint
+    loadable.
+
+    **Resume convention.** A checkpoint's label is the number of optimizer
+    steps done when it was saved. :meth:`load_latest` returns that label, or
+    ``None`` on a fresh start, and the loop starts at it (a step-0 checkpoint
+    is a valid label: test ``is None``, not truthiness).
+
+    **Retention.** After a save commits, the newest ``keep`` committed steps
+    up to it are kept; the save itself is never deleted. Committed steps newer
+    than it, or newer than the step this run last loaded or saved (a fall-back
+    past a corrupt newest step, or :meth:`load` of an older step), belong to
+    an abandoned timeline and are deleted, so a restart resumes from the run's
+    own newest save.
+
+    **Storage calls** all go through one :class:`~.storage.RetryPolicy`
+    (exponential backoff with jitter, ``retries`` and a ``retry_deadline_s``
+    limit) and every failure is agreed collectively: all ranks raise the same
+    :class:`CheckpointError` at once, never one rank while the others wait.
 
     Args:
         url: local path or fsspec URL (``/tmp/ckpt``, ``file://``, ``memory://``,
-            ``s3://bucket/run``, ``gs://``, ``az://``).
+            ``s3://bucket/run``, ``gs://``, ``az://``). Glob characters in it are literal.
         keep: how many committed checkpoints to keep.
         storage_options: passed to the fsspec filesystem (credentials, endpoint).
         async_save: default for :meth:`save`: stage to host memory, write in a
             background thread, and return.
-        retries, retry_backoff_s: transient storage errors are retried with
-            exponential backoff.
+        retries, retry_backoff_s, retry_deadline_s: the retry policy of every
+            storage call (attempts after the first, base delay, total time).
         include_rng: save each rank's RNG state (restored when the world size
             is unchanged).
         timeout: timeout of the checkpoint's own process group.
@@ -51,11 +72,12 @@ class CheckpointManager:
         >>> # xdoctest: +SKIP("needs a process group")
         >>> manager = CheckpointManager("s3://bucket/run-1", keep=3)
         >>> state = {"model": model, "optim": optimizer, "averager": averager}
-        >>> start = (manager.load_latest(state) or -1) + 1
+        >>> resumed = manager.load_latest(state)   # steps done, or None
+        >>> start = 0 if resumed is None else resumed
         >>> for step in range(start, steps):
         ...     train_step()
-        ...     if step % 100 == 0:
-        ...         manager.save(step, state)
+        ...     if (step + 1) % 100 == 0:
+        ...         manager.save(step + 1, state)  # label: optimizer steps done
     """
 
     def __init__(
@@ -67,6 +89,7 @@ class CheckpointManager:
         async_save: bool = False,
         retries: int = 4,
         retry_backoff_s: float = 0.2,
+        retry_deadline_s: float = 120.0,
         include_rng: bool = True,
         timeout: timedelta = timedelta(minutes=10),
     ) -> None:
@@ -76,7 +99,8 @@ class CheckpointManager:
         self.keep = keep
         self.async_save = async_save
         self.include_rng = include_rng
-        self.storage = Storage(url, storage_options, retries=retries, backoff_s=retry_backoff_s)
+        policy = RetryPolicy(retries=retries, base_delay_s=retry_backoff_s, deadline_s=retry_deadline_s)
+        self.storage = Storage(url, storage_options, policy=policy)
         if dist.is_available() and dist.is_initialized():
             # A group of its own: async saves run collectives from a background
             # thread, and gloo lets them coordinate on CPU even when training uses NCCL.
@@ -85,6 +109,8 @@ class CheckpointManager:
         else:
             self._group, self.rank, self.world_size = None, 0, 1
         self.last_loaded: CommitRecord | None = None
+        # The step this run last loaded or saved: retention supersedes newer ones.
+        self._previous: int | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[None]] | None = None
         # Host buffers of async saves, reused: a save starts only after the previous one finished.
@@ -115,10 +141,26 @@ class CheckpointManager:
             detail = "; ".join(f"rank {rank}: {e}" for rank, e in failed[:4])
             raise CheckpointError(f"{what} failed on {len(failed)} rank(s): {detail}")
 
+    def _on_rank0(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0 and shared; its failure raises on every rank at once."""
+        value, error = None, None
+        if self.rank == 0:
+            try:
+                value = fn()
+            except Exception as exc:  # noqa: BLE001 - every rank must reach the broadcast
+                error = f"{type(exc).__name__}: {exc}"
+        if self._group is not None:
+            box = [(value, error)]
+            dist.broadcast_object_list(box, src=0, group=self._group)
+            value, error = box[0]
+        if error:
+            raise CheckpointError(f"{what} failed on rank 0: {error}")
+        return value  # type: ignore[return-value]
+
     # -- saving ------------------------------------------------------------
 
     def save(self, step: int, state: Mapping[str, Any], *, blocking: bool | None = None) -> None:
-        """Save ``state`` as checkpoint ``step``. Collective over the world.
+        """Save ``state`` as checkpoint ``step`` (optimizer steps done). Collective over the world.
 
         ``state`` maps names to objects with ``state_dict()``/``load_state_dict()``
         (modules, optimizers, the averager, schedulers) or to plain values.
@@ -129,15 +171,19 @@ class CheckpointManager:
         step_dir_name(step)  # validates step before anything is written
         self.wait()
         background = self.async_save if blocking is None else not blocking
-        payload = capture(state, include_rng=self.include_rng, stage=background, pool=self._staging)
-        averager = next((obj.state_dict() for obj in state.values() if isinstance(obj, HierarchicalModelAverager)), None)
+        payload = capture(state, include_rng=self.include_rng, stage=False)
+        entries = _small_summaries(payload, list(state))
+        if background:
+            payload = copy_to_cpu(payload, self._staging)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the non_blocking copies must land before writing
         extra = {"entries": sorted(state)}
         if not background:
-            self._write_and_commit(step, payload, averager, extra)
+            self._write_and_commit(step, payload, entries, extra)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastic-hsgd-ckpt")
-        self._pending = (step, self._executor.submit(self._write_and_commit, step, payload, averager, extra))
+        self._pending = (step, self._executor.submit(self._write_and_commit, step, payload, entries, extra))
 
     def wait(self) -> None:
         """Block until a pending asynchronous save is committed; raise if it failed."""
@@ -164,18 +210,18 @@ class CheckpointManager:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def _write_and_commit(self, step: int, payload: dict[str, Any], averager: dict | None, extra: dict) -> None:
+    def _write_and_commit(self, step: int, payload: dict[str, Any], entries: dict[str, Any], extra: dict) -> None:
         started = time.perf_counter()
         step_dir = self.storage.path(step_dir_name(step))
-        error = None
-        if self.rank == 0 and self.storage.exists(step_dir):
+
+        def clear() -> None:
             # A crashed earlier attempt at this step, or a step redone after a
             # fall-back: its old commit must not vouch for the new files.
-            try:
+            if self.storage.exists(step_dir):
+                self.storage.rm_file(self.storage.commit_path(step))
                 self.storage.remove_tree(step_dir)
-            except Exception as exc:  # noqa: BLE001
-                error = f"cannot clear {step_dir}: {exc!r}"
-        self._raise_if_any(self.all_gather_object(error), f"checkpoint of step {step}")
+
+        self._on_rank0(f"clearing {step_dir} for checkpoint of step {step}", clear)
 
         name = rank_file_name(self.rank)
         try:
@@ -188,23 +234,20 @@ class CheckpointManager:
         outcomes = self.all_gather_object((written, error))
         self._raise_if_any([e for _, e in outcomes], f"writing checkpoint of step {step} (the previous checkpoint is intact)")
 
-        commit_error = None
-        if self.rank == 0:
+        def commit() -> None:
             record = CommitRecord(
                 step=step,
                 world_size=self.world_size,
                 files=tuple(FileEntry(*w) for w, _ in outcomes),
                 unix_time=time.time(),
-                averager=averager,
+                entries=entries,
                 extra=extra,
             )
-            try:
-                self.storage.write_atomic(self.storage.commit_path(step), json.dumps(record.to_json(), indent=1).encode())
-            except Exception as exc:  # noqa: BLE001
-                commit_error = f"{type(exc).__name__}: {exc}"
-            else:
-                self._apply_retention(step)
-        self._raise_if_any(self.all_gather_object(commit_error), f"committing checkpoint of step {step}")
+            self.storage.write_atomic(self.storage.commit_path(step), json.dumps(record.to_json(), indent=1).encode())
+            self._apply_retention(step)
+
+        self._on_rank0(f"committing checkpoint of step {step}", commit)
+        self._previous = step
         if self.rank == 0:
             logger.info(
                 "checkpoint step %d committed to %s: %d ranks, %.1f MB per rank, %.2f s",
@@ -216,85 +259,116 @@ class CheckpointManager:
             )
 
     def _apply_retention(self, just_committed: int) -> None:
+        """Delete what :func:`~.layout.plan_retention` says (see the class docstring)."""
         try:
-            drop_committed, drop_partial = plan_retention(self.steps(), self.storage.step_dirs(), self.keep, just_committed)
+            plan = plan_retention(self.storage.committed_steps(), self.storage.step_dirs(), self.keep, just_committed, self._previous)
+            drop_committed, drop_partial = plan
             for step in drop_committed + drop_partial:
                 # The commit record goes first, so a half-deleted step is never "committed".
-                step_dir = self.storage.path(step_dir_name(step))
                 if step in drop_committed:
-                    self.storage.fs.rm_file(self.storage.commit_path(step))
-                self.storage.remove_tree(step_dir)
-                logger.info("deleted %s checkpoint step %d", "old" if step in drop_committed else "partial", step)
+                    self.storage.rm_file(self.storage.commit_path(step))
+                self.storage.remove_tree(self.storage.path(step_dir_name(step)))
+                logger.info("deleted %s checkpoint step %d", "partial" if step in drop_partial else "committed", step)
         except Exception as exc:  # noqa: BLE001 - retention must never fail a committed save
             logger.warning("could not apply retention (keep=%d) at %s: %r", self.keep, self.url, exc)
 
     # -- reading -----------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Committed steps, oldest first."""
+        """Committed steps, oldest first (this rank's own listing; not collective)."""
         return self.storage.committed_steps()
 
     def commit_record(self, step: int) -> CommitRecord:
-        """The parsed commit record of a committed step."""
+        """The parsed commit record of a committed step; ``_Unusable`` if it is missing or malformed."""
         try:
             raw = self.storage.read_file(self.storage.commit_path(step))
         except FileNotFoundError:
-            raise CheckpointError(f"no committed checkpoint of step {step} at {self.url}; committed: {self.steps()}") from None
+            raise _Unusable(f"no committed checkpoint of step {step} at {self.url}") from None
         try:
             return CommitRecord.from_json(json.loads(raw))
-        except ValueError as exc:
-            raise CheckpointError(f"commit record of step {step} at {self.url} is unreadable: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise _Unusable(f"commit record of step {step} at {self.url} is unreadable: {exc}") from exc
 
-    def _fetch(self, step: int) -> tuple[CommitRecord | None, dict[str, Any] | None, str | None]:
-        """Read, verify and decode the file this rank loads from ``step``."""
+    def _fetch(self, record: CommitRecord, saved_rank: int) -> dict[str, Any]:
+        """Read, verify and decode one saved rank's file; ``_Unusable`` if it does not verify."""
+        entry = record.file_for_rank(saved_rank)
+        path = self.storage.path(step_dir_name(record.step), entry.name)
         try:
-            record = self.commit_record(step)
-            entry = record.file_for_rank(source_rank(self.rank, record.world_size))
-            data = self.storage.read_file(self.storage.path(step_dir_name(step), entry.name))
-            if len(data) != entry.bytes:
-                raise CheckpointError(f"{entry.name} is truncated: {len(data)} bytes, commit record says {entry.bytes}")
-            if checksum_of(data) != entry.checksum:
-                raise CheckpointError(f"{entry.name} is corrupt: its checksum differs from the commit record")
-            try:
-                payload = deserialize(data)
-            except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"{entry.name} was refused by the safe loader: {exc}") from exc
-            return record, payload, None
-        except Exception as exc:  # noqa: BLE001 - reported collectively
-            return None, None, f"{type(exc).__name__}: {exc}"
+            size = self.storage.size(path)
+        except FileNotFoundError:
+            raise _Unusable(f"{entry.name} is missing") from None
+        if size != entry.bytes:
+            state = "truncated" if size < entry.bytes else "longer than recorded"
+            raise _Unusable(f"{entry.name} is {state}: {size} bytes, commit record says {entry.bytes}")
+        buffer, checksum = self.storage.read_into(path, entry.bytes)
+        if checksum != entry.checksum:
+            raise _Unusable(f"{entry.name} is corrupt: its checksum differs from the commit record")
+        try:
+            return deserialize(buffer)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a refusal
+            raise _Unusable(f"{entry.name} was refused by the safe loader: {exc}") from exc
+
+    def _agree(self, error: BaseException | None, what: str) -> None:
+        """Collective: raise on every rank if any rank failed; ``_Unusable`` if all failures were verification."""
+        report = None if error is None else (isinstance(error, _Unusable), f"{type(error).__name__}: {error}" if not isinstance(error, _Unusable) else str(error))
+        reports = self.all_gather_object(report)
+        failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+        if not failed:
+            return
+        detail = "; ".join(f"rank {rank}: {msg}" for rank, (_, msg) in failed[:4])
+        message = f"{what} failed on {len(failed)} rank(s): {detail}"
+        if all(unusable for _, (unusable, _) in failed):
+            raise _Unusable(message)
+        raise CheckpointError(message)
 
     def load(self, step: int, state: MutableMapping[str, Any]) -> int:
-        """Load checkpoint ``step`` into ``state``. Collective; raises if any rank cannot."""
+        """Load checkpoint ``step`` into ``state``; return ``step``. Collective; raises if any rank cannot."""
         self.wait()
-        record, payload, error = self._fetch(step)
-        self._raise_if_any(self.all_gather_object(error), f"loading checkpoint step {step} from {self.url}")
-        assert record is not None and payload is not None
-        self._restore(record, payload, state)
+        try:
+            self._load_step(step, state)
+        except _Unusable as exc:
+            raise CheckpointError(str(exc)) from None
         return step
 
     def load_latest(self, state: MutableMapping[str, Any]) -> int | None:
-        """Load the newest committed checkpoint that verifies; ``None`` if there is none.
+        """Load the newest committed checkpoint that verifies; return its step, or ``None`` if there is none.
 
-        A corrupt, truncated or refused newest checkpoint is skipped with a
-        warning, falling back to the one before. Ranks agree on the step.
+        A corrupt, truncated, missing or refused newest checkpoint is skipped
+        with a warning, falling back to the one before. A storage error that
+        outlasts the retry policy is raised on every rank instead (falling
+        back would silently lose the newer work). Ranks agree on the step.
         """
         self.wait()
-        candidates = self.all_gather_object(self.steps() if self.rank == 0 else None)[0]
+        candidates = self._on_rank0(f"listing checkpoints at {self.url}", self.storage.committed_steps)
         for step in reversed(candidates):
-            record, payload, error = self._fetch(step)
-            errors = self.all_gather_object(error)
-            if not any(errors):
-                assert record is not None and payload is not None
-                self._restore(record, payload, state)
+            try:
+                self._load_step(step, state)
                 return step
-            reasons = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
-            logger.warning("checkpoint step %d at %s is unusable, falling back to an older one: %s", step, self.url, reasons)
+            except _Unusable as exc:
+                logger.warning("checkpoint step %d at %s is unusable, falling back to an older one: %s", step, self.url, exc)
         return None
 
-    def _restore(self, record: CommitRecord, payload: dict[str, Any], state: MutableMapping[str, Any]) -> None:
-        same_world = record.world_size == self.world_size
-        restore(state, payload, restore_rng=same_world)
+    def _load_step(self, step: int, state: MutableMapping[str, Any]) -> None:
+        what = f"loading checkpoint step {step} from {self.url}"
+        record, error = None, None
+        try:
+            record = self.commit_record(step)
+        except Exception as exc:  # noqa: BLE001 - agreed below
+            error = exc
+        self._agree(error, what)
+        assert record is not None
+        if record.world_size == self.world_size:
+            payload, error = None, None
+            try:
+                payload = self._fetch(record, self.rank)
+            except Exception as exc:  # noqa: BLE001 - agreed below
+                error = exc
+            self._agree(error, what)
+            restore(state, payload, restore_rng=True)
+        else:
+            restore(state, self._mean_of_replicas(record, what), restore_rng=False)
         self.last_loaded = record
+        self._previous = step
         if self.rank == 0:
             logger.info(
                 "loaded checkpoint step %d from %s (world size %d -> %d%s)",
@@ -302,8 +376,68 @@ class CheckpointManager:
                 self.url,
                 record.world_size,
                 self.world_size,
-                "" if same_world else f"; rank r loads saved rank r % {record.world_size}, RNG not restored",
+                "" if record.world_size == self.world_size else "; every rank got the mean of the saved replicas, RNG not restored",
             )
+
+    def _mean_of_replicas(self, record: CommitRecord, what: str) -> dict[str, Any]:
+        """Collective: the mean of every saved replica's floating state, identical on every rank.
+
+        Each rank reads its share of the saved files, sums their floating
+        tensors in float64, and one all_reduce adds the shares up.
+        """
+        share = saved_ranks_to_read(self.rank, self.world_size, record.world_size)
+        first: replicas.Split | None = None
+        fingerprints: dict[int, str] = {}
+        entries: dict[int, dict[str, str]] = {}
+        error = None
+        total = None
+        try:
+            for saved_rank in share or [structure_rank(self.rank, self.world_size, record.world_size)]:
+                payload = self._fetch(record, saved_rank)
+                payload.pop(RNG_KEY, None)
+                part = replicas.split(payload)
+                del payload
+                if first is None:
+                    first, total = part, part.accumulator()
+                fingerprints[saved_rank], entries[saved_rank] = part.fingerprint, part.entries
+                if share:
+                    part.add_to(total)
+        except Exception as exc:  # noqa: BLE001 - agreed below
+            error = exc
+        self._agree(error, what)
+        assert first is not None and total is not None
+        gathered: dict[int, str] = {}
+        for prints in self.all_gather_object(fingerprints):
+            gathered.update(prints)
+        differing = sorted(r for r, f in gathered.items() if f != gathered[0])
+        if differing:
+            everyone: dict[int, dict[str, str]] = {}
+            for part_entries in self.all_gather_object(entries):
+                everyone.update(part_entries)
+            detail = replicas.first_difference(everyone[0], everyone[differing[0]])
+            raise CheckpointError(
+                f"{what}: cannot average the saved replicas, their non-floating state differs "
+                f"(saved ranks {differing[:8]} differ from saved rank 0; first difference {detail}). "
+                "Integer state, such as step counters, must be equal on every rank; "
+                "resume at the saved world size instead."
+            )
+        if self._group is not None:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self._group)
+        total /= record.world_size
+        return first.fill(total)
+
+class _Unusable(CheckpointError):
+    """A checkpoint that does not verify (missing, truncated, corrupt, refused): fall back past it."""
+
+
+def _small_summaries(payload: Mapping[str, Any], names: list[str], limit: int = 16384) -> dict[str, Any]:
+    """Entries whose summary is small, for ``inspect`` (e.g. the averager's step and hierarchy)."""
+    out = {}
+    for name in names:
+        summary = summarize(payload[name])
+        if len(json.dumps(summary)) <= limit:
+            out[name] = summary
+    return out
 
 
 def _wait_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:

@@ -1,7 +1,8 @@
 """Turning a training state into bytes and back, without ever unpickling.
 
-The bytes are :mod:`.tensorfile`'s format (JSON plus raw tensor bytes), so a
-checkpoint can hold data only, never code.
+The bytes are :mod:`.format`'s (safetensors with the tree as JSON), so a
+checkpoint can hold data only, never code. Files of version 0.1 (``.ehsgd``,
+:mod:`.tensorfile`) are still read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import format as fileformat
 from . import tensorfile
 
 logger = logging.getLogger(__name__)
@@ -100,12 +102,18 @@ def capture(
 
 def serialize(payload: Mapping[str, Any]) -> list[bytes | memoryview]:
     """The file's bytes as chunks; CPU tensors are handed over without a copy."""
-    return tensorfile.encode(dict(payload))
+    return fileformat.encode(dict(payload))
 
 
-def deserialize(data: bytes) -> dict[str, Any]:
-    """Decode bytes written by :func:`serialize`; anything else raises ``ValueError``."""
-    payload = tensorfile.decode(data)
+def deserialize(data: bytearray | memoryview) -> dict[str, Any]:
+    """Decode bytes written by :func:`serialize` (or by 0.1); anything else raises ``ValueError``.
+
+    Tensors are views of ``data``: no second copy.
+    """
+    if bytes(memoryview(data)[: len(tensorfile.MAGIC)]) == tensorfile.MAGIC:
+        payload = tensorfile.decode(bytes(data))
+    else:
+        payload = fileformat.decode(data)
     if not isinstance(payload, dict):
         raise ValueError(f"checkpoint payload is a {type(payload).__name__}, not a dict.")
     return payload

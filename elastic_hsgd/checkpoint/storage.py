@@ -1,25 +1,34 @@
-"""fsspec I/O for checkpoints: every location is a URL, every write is retried."""
+"""fsspec I/O for checkpoints: every location is a URL, every call goes through one retry policy.
+
+Paths are never patterns: a root such as ``runs/exp[1]/ckpt`` or ``s3://b/a b/*``
+is listed with ``ls`` and addressed file by file; nothing here calls
+``glob``, ``rm(recursive=True)`` or the generic ``mv``, which expand patterns.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
+from fsspec.spec import AbstractFileSystem
 
-from .layout import COMMIT_NAME, parse_step_dir, step_dir_name
+from .layout import COMMIT_NAME, MAX_COMMIT_BYTES, parse_step_dir, step_dir_name
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 # Errors that retrying cannot fix.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+READ_CHUNK_BYTES = 16 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -32,33 +41,75 @@ def checksum_of(data: bytes | memoryview) -> str:
     return f"crc32:{zlib.crc32(data):08x}"
 
 
-class Storage:
-    """A checkpoint root on any fsspec filesystem."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How every storage call is retried: exponential backoff with full jitter, bounded in time.
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, retries: int = 4, backoff_s: float = 0.2):
-        self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        self.root = root.rstrip("/") or "/"
-        self.retries = retries
-        self.backoff_s = backoff_s
+    Attempt ``n`` (from 0) that fails with a transient error sleeps a random
+    time in ``[0, min(max_delay_s, base_delay_s * 2**n)]`` and tries again,
+    while fewer than ``retries`` retries were made and the next try would
+    start within ``deadline_s`` of the first. Errors retrying cannot fix
+    (missing file, permission, bad argument) are raised at once.
 
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+    It composes with the filesystem's own retries: s3fs (botocore's retries
+    plus its own ``retries=5`` for throttling and connection errors) and gcsfs
+    (up to 6 tries of a request) retry inside one call, so this policy sees
+    only what they gave up on, and a call can last up to ``retries + 1`` times
+    their inner budget. ``deadline_s`` bounds the outer loop; lower the inner
+    budget through ``storage_options`` (e.g. s3fs
+    ``config_kwargs={"retries": {"max_attempts": 2}}``) for a tighter bound.
 
-    def retry(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn``, retrying transient errors with exponential backoff."""
+    >>> RetryPolicy(retries=3, base_delay_s=0.1).max_delay(2) <= 0.4
+    True
+    """
+
+    retries: int = 4
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+    deadline_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries={self.retries!r} must be an int >= 0.")
+        for name in ("base_delay_s", "max_delay_s", "deadline_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0.")
+
+    def max_delay(self, attempt: int) -> float:
+        return min(self.max_delay_s, self.base_delay_s * 2**attempt)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` under this policy; ``CheckpointError`` names ``what`` when it gives up."""
+        started = time.monotonic()
         for attempt in range(self.retries + 1):
             try:
                 return fn()
             except _PERMANENT:
                 raise
             except Exception as exc:  # noqa: BLE001 - storage backends raise anything
-                if attempt == self.retries:
-                    raise CheckpointError(f"{what} failed after {attempt + 1} attempts: {exc!r}") from exc
-                delay = self.backoff_s * 2**attempt
-                logger.warning("%s failed (%r); retry %d/%d in %.1f s", what, exc, attempt + 1, self.retries, delay)
+                delay = random.uniform(0.0, self.max_delay(attempt))
+                elapsed = time.monotonic() - started
+                if attempt == self.retries or elapsed + delay > self.deadline_s:
+                    raise CheckpointError(f"{what} failed after {attempt + 1} attempts in {elapsed:.1f} s: {exc!r}") from exc
+                logger.warning("%s failed (%r); retry %d/%d in %.2f s", what, exc, attempt + 1, self.retries, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+class Storage:
+    """A checkpoint root on any fsspec filesystem; every call is retried by ``policy``."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, policy: RetryPolicy | None = None):
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.root = root.rstrip("/") or "/"
+        self.policy = policy or RetryPolicy()
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _call(self, what: str, path: str, fn: Callable[[], T]) -> T:
+        return self.policy.call(f"{what} {self.fs.unstrip_protocol(path)}", fn)
 
     def check_writable(self) -> None:
         """Fail now, with the URL in the message, if the root cannot be written and read back."""
@@ -67,22 +118,24 @@ class Storage:
         try:
             # Object stores' makedirs would create a missing bucket: a typo'd
             # bucket name must fail here instead. (Local roots start with "/".)
-            if container and not self.fs.exists(container):
+            if container and not self.exists(container):
                 raise FileNotFoundError(f"bucket or container {container!r} does not exist")
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(probe, b"ok")
-            if self.fs.cat_file(probe) != b"ok":
+            self._call("creating", self.root, lambda: self.fs.makedirs(self.root, exist_ok=True))
+            self.write_atomic(probe, b"ok")
+            if self.read_file(probe) != b"ok":
                 raise OSError("probe file read back different bytes")
-            self.fs.rm_file(probe)
+            self.rm_file(probe)
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(
                 f"checkpoint URL {self.url!r} is not usable: {exc!r}. Check the URL, that the bucket "
                 "or folder exists, the credentials (storage_options or environment) and write permission."
             ) from exc
 
+    # -- writing -----------------------------------------------------------
+
     def write_file(self, path: str, chunks: list[bytes | memoryview]) -> tuple[str, int]:
         """Write ``chunks`` to ``path`` (retried); return checksum and size, computed while writing."""
-        views = [memoryview(c) for c in chunks if memoryview(c).nbytes]
+        views = [memoryview(c).cast("B") for c in chunks if memoryview(c).nbytes]
         digest: dict[str, str] = {}
 
         def hash_all() -> None:
@@ -95,13 +148,13 @@ class Storage:
         hasher.start()
 
         def write() -> None:
-            self._make_parent(path)
             with self.fs.open(path, "wb") as f:
                 for view in views:
                     f.write(view)
 
         try:
-            self.retry(f"writing {self.fs.unstrip_protocol(path)}", write)
+            self._make_parent(path)
+            self._call("writing", path, write)
         finally:
             hasher.join()
         return digest["checksum"], sum(v.nbytes for v in views)
@@ -110,40 +163,107 @@ class Storage:
         """Make ``path`` appear whole or not at all: write a temporary name, then move it."""
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         self._make_parent(tmp)
-        self.retry(f"writing {self.fs.unstrip_protocol(tmp)}", lambda: self.fs.pipe_file(tmp, data))
-        self.retry(f"committing {self.fs.unstrip_protocol(path)}", lambda: self.fs.mv(tmp, path))
+        self._call("writing", tmp, lambda: self.fs.pipe_file(tmp, data))
+        self._call("committing", path, lambda: self._move(tmp, path))
+
+    def _move(self, source: str, target: str) -> None:
+        if type(self.fs).mv is AbstractFileSystem.mv:
+            # The generic mv is copy + rm of expanded patterns: do its work file by
+            # file instead, so brackets or '*' in the root are never a pattern.
+            # (Object stores make a copied object appear whole.)
+            self.fs.cp_file(source, target)
+            self.fs.rm_file(source)
+        else:
+            self.fs.mv(source, target)  # a filesystem's own move, e.g. a local rename
 
     def _make_parent(self, path: str) -> None:
         # Local folders need it; object stores treat it as a no-op.
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        parent = path.rsplit("/", 1)[0]
+        self._call("creating", parent, lambda: self.fs.makedirs(parent, exist_ok=True))
 
-    def read_file(self, path: str) -> bytes:
-        return self.retry(f"reading {self.fs.unstrip_protocol(path)}", lambda: self.fs.cat_file(path))
+    # -- reading -----------------------------------------------------------
+
+    def size(self, path: str) -> int:
+        return int(self._call("sizing", path, lambda: self.fs.size(path)))
+
+    def read_file(self, path: str, *, max_bytes: int = MAX_COMMIT_BYTES) -> bytes:
+        """A small file's bytes (e.g. a commit record); refuses one larger than ``max_bytes``."""
+        size = self.size(path)
+        if size > max_bytes:
+            raise CheckpointError(f"{self.fs.unstrip_protocol(path)} is {size} bytes, more than the {max_bytes} allowed")
+        return bytes(self.read_into(path, size)[0])
+
+    def read_into(self, path: str, nbytes: int) -> tuple[bytearray, str]:
+        """Read exactly ``nbytes`` into one new buffer, chunk by chunk; return it and its checksum.
+
+        No second full copy: each chunk lands in place (at most one chunk is
+        held twice, in the filesystem's read buffer).
+        """
+        buffer = bytearray(nbytes)
+        view = memoryview(buffer)
+
+        def read() -> str:
+            crc, position = 0, 0
+            with self.fs.open(path, "rb") as f:
+                while position < nbytes:
+                    got = f.readinto(view[position : position + READ_CHUNK_BYTES])
+                    if not got:
+                        raise CheckpointError(f"{self.fs.unstrip_protocol(path)} ended after {position} of {nbytes} bytes")
+                    crc = zlib.crc32(view[position : position + got], crc)
+                    position += got
+                if f.read(1):
+                    raise CheckpointError(f"{self.fs.unstrip_protocol(path)} is longer than {nbytes} bytes")
+            return f"crc32:{crc:08x}"
+
+        checksum = self._call("reading", path, read)
+        return buffer, checksum
+
+    # -- listing -----------------------------------------------------------
+
+    def list_names(self, path: str) -> list[str]:
+        """Base names in a folder (``[]`` if it does not exist); never a pattern."""
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self._call("listing", path, lambda: self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
 
     def step_dirs(self) -> list[int]:
         """Steps that have a directory, committed or not, oldest first."""
-        self.fs.invalidate_cache(self.root)
-        try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted(s for s in map(parse_step_dir, entries) if s is not None)
+        return sorted(s for s in map(parse_step_dir, self.list_names(self.root)) if s is not None)
 
     def committed_steps(self) -> list[int]:
         """Steps whose commit record exists, oldest first (a fresh listing: other ranks write too)."""
-        self.fs.invalidate_cache(self.root)
-        commits = self.fs.glob(self.path("step_*", COMMIT_NAME))
-        return sorted(s for s in (parse_step_dir(c.rsplit("/", 1)[0]) for c in commits) if s is not None)
+        return [s for s in self.step_dirs() if COMMIT_NAME in self.list_names(self.path(step_dir_name(s)))]
 
     def commit_path(self, step: int) -> str:
         return self.path(step_dir_name(step), COMMIT_NAME)
 
-    def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+    # -- deleting ----------------------------------------------------------
 
-    def remove_tree(self, path: str) -> None:
+    def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
+        return bool(self._call("checking", path, lambda: self.fs.exists(path)))
+
+    def rm_file(self, path: str) -> None:
         try:
-            self.retry(f"deleting {self.fs.unstrip_protocol(path)}", lambda: self.fs.rm(path, recursive=True))
+            self._call("deleting", path, lambda: self.fs.rm_file(path))
         except FileNotFoundError:
             pass
+
+    def remove_tree(self, path: str) -> None:
+        """Delete a step folder file by file (``rm(recursive=True)`` would expand patterns)."""
+        self.fs.invalidate_cache(path)
+        try:
+            files = self._call("listing", path, lambda: self.fs.find(path, withdirs=False))
+        except FileNotFoundError:
+            files = []
+        for file in files:
+            self.rm_file(file)
+        for folder in sorted({f.rsplit("/", 1)[0] for f in files} | {path}, key=len, reverse=True):
+            try:
+                self.fs.rmdir(folder)  # local folders; object stores have none left
+            except Exception:  # noqa: BLE001 - not there, or not a concept of this store
+                pass
         self.fs.invalidate_cache(path)

@@ -1,4 +1,6 @@
-"""A pickle-free file format for nested state: a JSON tree plus raw tensor bytes.
+"""Read-only: the rank file format of elastic_hsgd 0.1 (``.ehsgd``), kept to read old checkpoints.
+
+New files are written by :mod:`.format` (safetensors).
 
 ::
 
@@ -7,8 +9,7 @@
 The header holds the tree (dicts with any plain keys, lists, tuples, None,
 bool, int, float, str) with each tensor replaced by an index into a table of
 dtype, shape, offset and length. Loading parses JSON and copies bytes: nothing
-in a checkpoint can make the loader import or call code. Writing hands the
-tensors' own memory to the writer, so a save costs no serialization copy.
+in a checkpoint can make the loader import or call code.
 """
 
 from __future__ import annotations
@@ -26,47 +27,6 @@ _DTYPES = {str(dt).removeprefix("torch."): dt for dt in vars(torch).values() if 
 
 def _pad(n: int) -> int:
     return -n % ALIGN
-
-
-def _encode(value: Any, tensors: list[torch.Tensor], where: str) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return {"T": len(tensors) - 1}
-    if isinstance(value, dict):
-        return {"D": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in value.items()]}
-    if isinstance(value, (list, tuple)):
-        items = [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]
-        return {"L" if isinstance(value, list) else "U": items}
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _encode(value.item(), tensors, where)
-    raise TypeError(
-        f"cannot checkpoint {where} of type {type(value).__name__}: state_dict values must be tensors, "
-        "numbers, strings, None, or dicts/lists/tuples of them."
-    )
-
-
-def encode(tree: Any) -> list[bytes | memoryview]:
-    """The file as a list of chunks; tensor chunks are views of tensor memory."""
-    tensors: list[torch.Tensor] = []
-    encoded = _encode(tree, tensors, "state")
-    table: list[dict[str, Any]] = []
-    raw: list[bytes | memoryview] = []
-    offset = 0
-    for tensor in tensors:
-        host = tensor.detach()
-        if host.device.type != "cpu":
-            host = host.cpu()
-        host = host.contiguous()
-        data = host.reshape(-1).view(torch.uint8).numpy().data if host.numel() else memoryview(b"")
-        table.append({"dtype": str(host.dtype).removeprefix("torch."), "shape": list(host.shape), "offset": offset, "nbytes": data.nbytes})
-        raw.append(data)
-        raw.append(b"\0" * _pad(data.nbytes))
-        offset += data.nbytes + _pad(data.nbytes)
-    header = json.dumps({"tree": encoded, "tensors": table}, separators=(",", ":")).encode()
-    prefix = MAGIC + struct.pack("<Q", len(header)) + header
-    return [prefix + b"\0" * _pad(len(prefix)), *raw]
 
 
 def decode(data: bytes) -> Any:
