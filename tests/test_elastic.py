@@ -45,3 +45,15 @@ def test_hook_counter_and_averager_step_resume_together(single_process_group, tm
 def test_generation_increases_on_every_start(single_process_group, tmp_path):
     manager = CheckpointManager(str(tmp_path))
     assert [next_generation(manager) for _ in range(3)] == [0, 1, 2]
+
+
+def test_a_step_0_checkpoint_resumes_at_step_0_and_is_not_a_fresh_start(single_process_group, tmp_path):
+    manager = CheckpointManager(str(tmp_path))
+    _, _, averager, state = _build(warmup=3)
+    fresh = resume(manager, state, averager)
+    assert (fresh.step, fresh.checkpoint, fresh.previous_world_size) == (0, None, None)
+    manager.save(0, state)  # label 0: no optimizer step done yet
+    assert manager.load_latest(state) == 0  # not None: a step-0 checkpoint exists
+    _, _, averager2, state2 = _build(warmup=3)
+    resumed = resume(manager, state2, averager2)
+    assert (resumed.step, resumed.checkpoint, resumed.previous_world_size) == (0, 0, 1)
