@@ -46,6 +46,15 @@ def _params(model) -> list:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _floats(state) -> list[float]:
+    """Every floating value a checkpoint averages: parameters and momentum buffers, as float64."""
+    import torch
+
+    optimizer = state["optimizer"]
+    tensors = [*state["model"].parameters(), *(optimizer.state[p]["momentum_buffer"] for p in state["model"].parameters())]
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
+
+
 def _exact_resume_worker(rank: int, world_size: int, url: str, options: dict | None) -> bool:
     import torch
 
@@ -98,6 +107,7 @@ def _world_change_worker(rank: int, world_size: int, url: str, port2: int, port4
     manager = CheckpointManager(url)
     _train(state, range(0, 6))
     manager.save(6, state)
+    report["saved_6"] = _floats(state)
     manager.close()
     dist.destroy_process_group()
 
@@ -107,8 +117,10 @@ def _world_change_worker(rank: int, world_size: int, url: str, port2: int, port4
         manager = CheckpointManager(url)
         assert manager.load_latest(state) == 6
         report["at_2"] = (manager.last_loaded.world_size, state["averager"].step, [lv.group_size for lv in state["averager"].levels])
+        report["loaded_6"] = _floats(state)
         _train(state, range(6, 9))  # step 8 averages over the whole world of 2
         manager.save(9, state)
+        report["saved_9"] = _floats(state)
         flat = torch.cat([p.detach().reshape(-1) for p in state["model"].parameters()])
         both = [torch.empty_like(flat) for _ in range(2)]
         dist.all_gather(both, flat)
@@ -121,7 +133,7 @@ def _world_change_worker(rank: int, world_size: int, url: str, port2: int, port4
     manager = CheckpointManager(url)
     assert manager.load_latest(state) == 9
     report["at_4"] = (manager.last_loaded.world_size, state["averager"].step, [lv.group_size for lv in state["averager"].levels])
-    report["model"] = _params(state["model"])[0].sum().item()
+    report["loaded_9"] = _floats(state)
     _train(state, range(9, 13))
     manager.save(13, state)
     report["steps"] = manager.steps()
@@ -137,8 +149,46 @@ def test_resume_across_world_sizes_4_2_4(tmp_path):
     for rank in range(4):
         assert reports[rank]["at_4"] == (2, 9, [2, 4])
         assert reports[rank]["steps"] == [6, 9, 13]
-    # New ranks 2 and 3 load saved ranks 0 and 1 (rank % old world).
-    assert reports[2]["model"] == reports[0]["model"] and reports[3]["model"] == reports[1]["model"]
+    # Every new rank holds the mean of all saved replicas, the same on every rank.
+    import torch
+
+    saved_6 = torch.tensor([reports[r]["saved_6"] for r in range(4)], dtype=torch.float64)
+    assert not torch.equal(saved_6[0], saved_6[3])  # the replicas really differ
+    for rank in (0, 1):
+        assert reports[rank]["loaded_6"] == reports[0]["loaded_6"]
+        torch.testing.assert_close(torch.tensor(reports[rank]["loaded_6"], dtype=torch.float64), saved_6.mean(0), rtol=1e-6, atol=1e-7)
+    saved_9 = torch.tensor([reports[r]["saved_9"] for r in range(2)], dtype=torch.float64)
+    assert not torch.equal(saved_9[0], saved_9[1])  # momentum differs even after the global average
+    for rank in range(4):
+        assert reports[rank]["loaded_9"] == reports[0]["loaded_9"]
+        torch.testing.assert_close(torch.tensor(reports[rank]["loaded_9"], dtype=torch.float64), saved_9.mean(0), rtol=1e-6, atol=1e-7)
+
+
+def _differing_counters_worker(rank: int, world_size: int, url: str) -> None:
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+
+    manager = CheckpointManager(url)
+    manager.save(1, {"w": torch.full((4,), float(rank)), "count": 5, "ints": torch.tensor([7, 8])})
+    manager.save(2, {"w": torch.full((4,), float(rank)), "count": rank, "ints": torch.tensor([7, 8])})
+    manager.close()
+
+
+def test_integer_state_must_agree_to_average_replicas(tmp_path):
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+    from elastic_hsgd.checkpoint import CheckpointError
+
+    url = str(tmp_path / "ckpt")
+    run_workers(_differing_counters_worker, 2, url, deadline_s=60)
+    manager = CheckpointManager(url)  # one process: world size 1, reads both saved ranks
+    state = {"w": torch.zeros(4), "count": 0, "ints": torch.zeros(2, dtype=torch.int64)}
+    with pytest.raises(CheckpointError, match=r"saved ranks \[1\] differ .*/count: int 0 vs int 1"):
+        manager.load(2, state)
+    assert manager.load(1, state) == 1
+    assert torch.equal(state["w"], torch.full((4,), 0.5)) and state["count"] == 5 and state["ints"].tolist() == [7, 8]
 
 
 def _one_rank_fails_worker(rank: int, world_size: int, url: str) -> str:
