@@ -163,9 +163,18 @@ def next_generation(manager: CheckpointManager) -> int:
 
 @dataclass(frozen=True)
 class Resumed:
+    """Where a (re)started worker begins.
+
+    ``step`` is the number of optimizer steps already done, so the training
+    loop runs ``range(step, total)``; ``checkpoint`` is the label loaded
+    (equal to ``step``), or ``None`` on a fresh start. A step-0 checkpoint is
+    a real checkpoint: test ``checkpoint is None``, never truthiness.
+    """
+
     step: int
     previous_world_size: int | None
     generation: int
+    checkpoint: int | None = None
 
 
 def resume(manager: CheckpointManager, state: dict[str, Any], averager: HierarchicalModelAverager) -> Resumed:
@@ -174,11 +183,13 @@ def resume(manager: CheckpointManager, state: dict[str, Any], averager: Hierarch
     The averager must already be built for the current world: its
     construction (or :meth:`~HierarchicalModelAverager.rebuild`) validated the
     hierarchy, and :meth:`~HierarchicalModelAverager.load_state_dict` checks the
-    top level spans the world, all before the first averaging step.
+    top level spans the world, all before the first averaging step. The
+    checkpoint label is the number of optimizer steps done, which is also the
+    averager's step (it counts ``average_parameters`` calls, one per optimizer step).
     """
     generation = next_generation(manager)
     step = manager.load_latest(state)
-    previous = manager.last_loaded.world_size if manager.last_loaded is not None else None
+    previous = manager.last_loaded.world_size if step is not None and manager.last_loaded is not None else None
     if step is not None and averager.step != step:
         raise ValueError(f"checkpoint step {step} but the averager resumed at step {averager.step}: was it in `state`?")
     world = manager.world_size
@@ -187,4 +198,4 @@ def resume(manager: CheckpointManager, state: dict[str, Any], averager: Hierarch
             logger.info("generation %d: no checkpoint at %s, starting at step 0 with world size %d", generation, manager.url, world)
         else:
             logger.info("generation %d: resumed step %d, world size %s -> %d", generation, step, previous, world)
-    return Resumed(step or 0, previous, generation)
+    return Resumed(0 if step is None else step, previous, generation, step)

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
     resumed = resume(manager, state, averager)
     hierarchy = [[lv.period, lv.group_size] for lv in averager.levels]
-    if resumed.previous_world_size is None:
+    if resumed.checkpoint is None:
         emit(info.rank, event="started", step=0, world_size=info.world_size, generation=resumed.generation, hierarchy=hierarchy)
     else:
         emit(

@@ -1,6 +1,44 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_NOT_SOURCE = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache"}
+
+
+def source_tree_files(root: Path = REPO) -> set[str]:
+    """Every file under ``root`` except caches and build metadata."""
+    found = set()
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _NOT_SOURCE and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(folder, f), root) for f in files)
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_FILES_BEFORE] = source_tree_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if a test left files in the source tree (tests write only in their tmp dirs)."""
+    before = session.config.stash.get(_FILES_BEFORE, None)
+    if before is None:
+        return
+    left = sorted(source_tree_files() - before)
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"tests left {len(left)} new file(s) in the source tree {REPO}: {left[:10]}"
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True)
+        else:
+            print(f"ERROR: {message}")
+
+
+_FILES_BEFORE = pytest.StashKey[set]()
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def test_listings_and_reads_are_retried_then_fail_clearly_within_the_time_limit(
 
 def _failing_rank_worker(rank: int, world_size: int, url: str) -> list[str]:
     register()
-    manager = CheckpointManager(f"faultyfile://{url}", retries=1, retry_backoff_s=0.01, timeout=timedelta(seconds=90))
+    manager = CheckpointManager(f"faultyfile://{url}", retries=1, retry_backoff_s=0.01, timeout=timedelta(seconds=300))
     manager.save(1, _state(float(rank)))
     messages = []
     if rank == 0:
@@ -105,8 +105,8 @@ def _failing_rank_worker(rank: int, world_size: int, url: str) -> list[str]:
 
 
 def test_one_rank_storage_failure_raises_the_same_error_on_every_rank_at_once(tmp_path):
-    # The checkpoint group's timeout (90 s) exceeds the deadline: a rank left waiting fails the test.
-    messages = run_workers(_failing_rank_worker, 3, str(tmp_path / "ckpt"), deadline_s=75)
+    # The checkpoint group's timeout (300 s) exceeds the deadline: a rank left waiting fails the test.
+    messages = run_workers(_failing_rank_worker, 3, str(tmp_path / "ckpt"), deadline_s=240)
     for listing, reading in messages:
         assert "failed on rank 0" in listing and "injected: listing" in listing
         assert "rank 1:" in reading and "injected: reading" in reading

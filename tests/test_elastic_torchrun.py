@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -114,28 +115,38 @@ def _wait_port(port: int, agent: Agent, deadline_s: float = 30) -> None:
 
 
 def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
+    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, SITECUSTOMIZE
+
     url = tmp_path / "ckpt"
+    marker = tmp_path / "mid-write"
+    # Workers register a filesystem that parks rank 0 after the first chunk of
+    # its step-20 file (and says so with the marker): the kill lands mid-save for certain.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(site), repo, os.environ.get("PYTHONPATH", "")]),
+        BLOCK_MATCH_ENV: "step_000000000020/rank_00000", BLOCK_MARKER_ENV: str(marker),
+    }
     args = [
         "--steps", "60", "--checkpoint-every", "10", "--warmup-steps", "4", "--hierarchy", "2:2,4:world",
-        "--hidden", "1536", "--collective-timeout", "20", "--checkpoint-url", str(url),
+        "--collective-timeout", "20", "--checkpoint-url", f"blockingfile://{url}",
     ]
-    agent = Agent(_single_node(free_port()), args, tmp_path, "midsave")
+    agent = Agent(_single_node(free_port()), args, tmp_path, "midsave", env=env)
     try:
-        agent.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] == 10, 90, "first checkpoint")
-        rank0 = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 0)
-        target = url / "step_000000000020"
-        end = time.monotonic() + 60
-        # Rank 0 writes its file first and the commit record last: kill it in between.
-        while not (target / "rank_00000.safetensors").exists():
-            assert time.monotonic() < end, "second checkpoint never started"
-            time.sleep(0.0005)
+        end = time.monotonic() + 120
+        while not marker.exists():
+            assert time.monotonic() < end and agent.proc.poll() is None, f"rank 0 never started writing step 20: {agent.stderr_tail()}"
+            time.sleep(0.01)
+        rank0 = int(marker.read_text())
+        assert rank0 == next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 0)
         os.kill(rank0, signal.SIGKILL)
-        committed_at_kill = (target / COMMIT_NAME).exists()
+        assert not (url / "step_000000000020" / COMMIT_NAME).exists()
         resumed = agent.wait_for(lambda e: e["event"] == "resumed", 90, "resumed line")
         done = _run_to_done(agent)
     finally:
         agent.stop()
-    assert not committed_at_kill, "the kill landed after the commit; the window was missed"
     assert resumed["step"] == 10
     assert done["step"] == 60
     assert Storage(str(url)).committed_steps()[-1] == 60

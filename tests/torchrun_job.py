@@ -18,8 +18,8 @@ FAST_RDZV = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3"
 class Agent:
     """One torchrun agent with its workers."""
 
-    def __init__(self, torchrun_args: list[str], script_args: list[str], log_dir: Path, name: str):
-        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    def __init__(self, torchrun_args: list[str], script_args: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None):
+        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.name = name
         self.stderr_path = log_dir / f"{name}.stderr"
         self.events: list[dict] = []
