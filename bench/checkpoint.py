@@ -1,18 +1,27 @@
 """Checkpoint cost: how long training is blocked by a sync and an async save,
-and save throughput against a plain fsspec write of the same bytes.
+save throughput against a plain fsspec write of the same bytes, and what a
+resume at a new world size (mean of the saved replicas) costs against a
+resume at the same world size.
 
     python bench/checkpoint.py [--url /tmp/elastic-hsgd-bench] [--mb 100] [--repeats 5]
+    python bench/checkpoint.py --resume [--saved-world 4] [--new-world 2] [--resume-mb 25] [--repeats 3]
 
 One process (world size 1) and a model of about ``--mb`` MB of fp32
-parameters; the plain write gets exactly the bytes a save writes. Everything
-is measured side by side in one run.
+parameters; the plain write gets exactly the bytes a save writes. With
+``--resume``: ``--saved-world`` real gloo processes save different replicas
+(model and Adam state, about ``--resume-mb`` MB of parameters each), then the
+same checkpoint is loaded by ``--saved-world`` processes (each reads its own
+file) and by ``--new-world`` processes (each reads its share of the files and
+all_reduces the sums), alternately. Everything is measured side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -26,13 +35,90 @@ from elastic_hsgd import CheckpointManager  # noqa: E402
 from elastic_hsgd.checkpoint.state import capture, serialize  # noqa: E402
 
 
+def _replica(mb: float, seed: int) -> dict:
+    """A model and Adam state of about ``mb`` MB of fp32 parameters, different per ``seed``."""
+    torch.manual_seed(seed)
+    width = 1024
+    layers = max(1, round(mb * 2**20 / 4 / (width * width + width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    return {"model": model, "optimizer": optimizer}
+
+
+def _resume_worker(rank: int, world: int, port: int, url: str, options: str, mb: float, repeats: int, results) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    manager = CheckpointManager(url, include_rng=False, storage_options=json.loads(options))
+    state = _replica(mb, seed=rank)
+    if repeats == 0:
+        manager.save(1, state)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        manager.load(1, state)
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    manager.close()
+    dist.destroy_process_group()
+    results.put((rank, times))
+
+
+def _in_processes(world: int, *args) -> list[float]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_resume_worker, args=(rank, world, port, *args, results)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    got = dict(results.get(timeout=1800) for _ in range(world))
+    for proc in procs:
+        proc.join()
+        if proc.exitcode:
+            raise RuntimeError(f"a resume worker exited with {proc.exitcode}")
+    return got[0]
+
+
+def resume_cost(args) -> None:
+    url = args.url or tempfile.mkdtemp(prefix="elastic-hsgd-bench-resume-")
+    old, new = args.saved_world, args.new_world
+    _in_processes(old, url, args.storage_options, args.resume_mb, 0)  # save: one file per saved replica
+    fs, root = fsspec.core.url_to_fs(url, **json.loads(args.storage_options))
+    per_file = sum(fs.size(f) for f in fs.find(root) if f.endswith(".safetensors")) / old
+    same, other = [], []
+    for _ in range(args.resume_rounds):  # alternate, so both see the same machine state
+        same += _in_processes(old, url, args.storage_options, args.resume_mb, args.repeats)
+        other += _in_processes(new, url, args.storage_options, args.resume_mb, args.repeats)
+    med = statistics.median
+    share = -(-old // new)
+    print(f"resume of a checkpoint saved by {old} ranks ({per_file / 1e6:.1f} MB per rank file) at {url}, median of {len(same)} loads")
+    print(f"  same world ({old} ranks, each reads its own file)            : {med(same) * 1e3:8.1f} ms")
+    print(f"  new world ({new} ranks, mean of {old} replicas, <= {share} files each) : {med(other) * 1e3:8.1f} ms")
+    print(f"  new-world / same-world resume time                        : {med(other) / med(same):8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="fsspec URL (default: a temporary local folder)")
     parser.add_argument("--mb", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--storage-options", default="{}", help="JSON for fsspec, e.g. an S3 endpoint_url")
+    parser.add_argument("--resume", action="store_true", help="measure resume at a new world size instead")
+    parser.add_argument("--saved-world", type=int, default=4)
+    parser.add_argument("--new-world", type=int, default=2)
+    parser.add_argument("--resume-mb", type=float, default=25.0, help="MB of fp32 parameters per replica")
+    parser.add_argument("--resume-rounds", type=int, default=3, help="alternating rounds of fresh processes; --repeats loads each")
     args = parser.parse_args()
+    if args.resume:
+        resume_cost(args)
+        return
     url = args.url or tempfile.mkdtemp(prefix="elastic-hsgd-bench-")
 
     width = 1024
