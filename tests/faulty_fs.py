@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 
 class FaultyLocalFileSystem(LocalFileSystem):
-    """Fails the next ``listings_to_fail`` listings and ``reads_to_fail`` file reads."""
+    """Fails the next ``listings_to_fail`` listings and ``reads_to_fail`` reads of files ending in ``read_suffix``."""
 
     protocol = ("faultyfile",)
 
@@ -24,6 +24,7 @@ class FaultyLocalFileSystem(LocalFileSystem):
         super().__init__(*args, **kwargs)
         self.listings_to_fail = 0
         self.reads_to_fail = 0
+        self.read_suffix = ""
 
     def ls(self, path, detail=False, **kwargs):
         if self.listings_to_fail > 0:
@@ -32,7 +33,7 @@ class FaultyLocalFileSystem(LocalFileSystem):
         return super().ls(path, detail=detail, **kwargs)
 
     def _open(self, path, mode="rb", block_size=None, **kwargs):
-        if "r" in mode and self.reads_to_fail > 0:
+        if "r" in mode and self.reads_to_fail > 0 and str(path).endswith(self.read_suffix):
             self.reads_to_fail -= 1
             raise ConnectionResetError(f"injected: reading {path} failed")
         return super()._open(path, mode, block_size=block_size, **kwargs)

@@ -142,3 +142,36 @@ def test_saves_after_a_rollback_survive_retention(tmp_path, keep):
     assert rollback.steps() == ([120] if keep == 1 else [100, 120])
     restored = _state(0.0)
     assert CheckpointManager(url).load_latest(restored) == 120 and restored["epoch"] == 120
+
+
+def test_a_rank_file_larger_than_its_record_is_refused_before_any_byte_is_read(tmp_path):
+    register()
+    manager = CheckpointManager(f"faultyfile://{tmp_path}/ckpt", retries=0)
+    manager.save(1, _state(1.0))
+    rank_file = tmp_path / "ckpt" / step_dir_name(1) / "rank_00000.safetensors"
+    with open(rank_file, "ab") as f:
+        f.write(b"\0" * (8 << 20))
+    manager.storage.fs.reads_to_fail = 1000  # any read of a rank file would fail differently
+    manager.storage.fs.read_suffix = ".safetensors"
+    with pytest.raises(CheckpointError, match="longer than recorded"):
+        manager.load(1, _state(0.0))
+    manager.storage.fs.reads_to_fail, manager.storage.fs.read_suffix = 0, ""
+
+
+def test_cli_ls_survives_a_record_claiming_a_huge_world(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    url = tmp_path / "ckpt"
+    manager = CheckpointManager(str(url))
+    manager.save(1, _state(1.0))
+    manager.save(2, _state(2.0))
+    record_path = url / step_dir_name(2) / "COMMIT.json"
+    record = json.loads(record_path.read_text())
+    record["world_size"] = 10**12  # tampered: would drive range(world_size)
+    record_path.write_text(json.dumps(record))
+    out = subprocess.run([sys.executable, "-m", "elastic_hsgd", "ls", str(url)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "world_size" in out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()[1:]] == ["1"]
+    assert manager.load_latest(_state(0.0)) == 1  # the manager skips it the same way

@@ -402,6 +402,7 @@ class CheckpointManager:
                 fingerprints[saved_rank], entries[saved_rank] = part.fingerprint, part.entries
                 if share:
                     part.add_to(total)
+                part.floats.clear()  # frees this file's buffer before the next is read
         except Exception as exc:  # noqa: BLE001 - agreed below
             error = exc
         self._agree(error, what)
