@@ -84,8 +84,8 @@ _ints = st.one_of(st.integers(-5, 64), st.integers(2**31, 2**70), st.sampled_fro
 _entry = st.fixed_dictionaries(
     {
         "dtype": st.one_of(st.sampled_from(sorted(fileformat.TORCH_DTYPES)), st.text(max_size=6), st.integers()),
-        "shape": st.one_of(st.lists(_ints, max_size=4), st.text(max_size=3), st.just([2**40, 2**40])),
-        "data_offsets": st.one_of(st.lists(_ints, min_size=2, max_size=2), st.lists(_ints, max_size=3), st.none()),
+        "shape": st.one_of(st.lists(_ints, max_size=4), st.lists(st.sampled_from([0, 1, 2**40, 2**63, 2**64]), max_size=3), st.text(max_size=3)),
+        "data_offsets": st.one_of(st.lists(_ints, min_size=2, max_size=2), st.just([0, 0]), st.lists(_ints, max_size=3), st.none()),
     }
 )
 _metadata = st.one_of(
@@ -133,6 +133,7 @@ def test_named_hostile_cases():
         "does not take": ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, b"\0" * 8),
         "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
         "does not hold": ({"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+        "int64": ({"a": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}, b""),
     }
     for match, (entries, data) in cases.items():
         with pytest.raises(FormatError, match=match):

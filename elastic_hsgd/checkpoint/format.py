@@ -177,6 +177,8 @@ def _table(header: Any, data_bytes: int) -> dict[str, tuple[torch.dtype, list[in
         if not isinstance(shape, list) or len(shape) > 64:
             raise FormatError(f"tensor {name!r}: shape {str(shape)[:200]} is not a list of at most 64 sizes")
         shape = [_int(s, f"tensor {name!r} size") for s in shape]
+        if any(s >= 2**63 for s in shape):
+            raise FormatError(f"tensor {name!r}: a size in {str(shape)[:200]} does not fit an int64")
         if not isinstance(offsets, list) or len(offsets) != 2:
             raise FormatError(f"tensor {name!r}: data_offsets {str(offsets)[:200]} is not [begin, end]")
         begin, end = (_int(o, f"tensor {name!r} offset") for o in offsets)
