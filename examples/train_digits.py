@@ -14,55 +14,27 @@ world size. Rank 0 prints JSON lines: ``started``/``resumed``, ``progress``,
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
-import sys
-import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from common import add_job_arguments, announce, batch_indices, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
 from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
-from elastic_hsgd.elastic import attach_post_local_sgd, init_distributed, resume
+from elastic_hsgd.elastic import attach_post_local_sgd, resume
 
 log = logging.getLogger("train_digits")
 
-
-def parse_hierarchy(text: str) -> dict[int, int | str]:
-    """``"2:local,8:world"`` -> ``{2: "local", 8: "world"}``."""
-    levels: dict[int, int | str] = {}
-    for part in text.split(","):
-        try:
-            period, size = part.split(":")
-            levels[int(period)] = size if size in ("local", "world") else int(size)
-        except ValueError:
-            raise SystemExit(f"--hierarchy part {part!r} is not PERIOD:SIZE (SIZE an int, 'local' or 'world'), e.g. 2:local,8:world")
-    return levels
+__all__ = ["batch_indices", "load_data", "main", "parse_args", "parse_hierarchy"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint-url", default="checkpoints/digits", help="any fsspec URL or local folder")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--hierarchy", default="2:local,8:world", help="PERIOD:SIZE,... with SIZE an int, 'local' or 'world'")
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="per worker")
-    p.add_argument("--lr", type=float, default=0.05)
+    add_job_arguments(p, checkpoint_url="checkpoints/digits", steps=300, batch_size=32, lr=0.05)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--async-checkpoint", action="store_true", help="write checkpoints in the background")
-    p.add_argument("--collective-timeout", type=float, default=30.0, help="seconds before a collective with a lost peer fails")
-    p.add_argument("--step-delay", type=float, default=0.0, help="extra seconds per step (slows a demo down)")
-    p.add_argument("--storage-options", default="{}", help="JSON passed to fsspec (e.g. an S3 endpoint)")
     return p.parse_args(argv)
 
 
@@ -77,75 +49,35 @@ def load_data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return x[train], y[train], x[test], y[test]
 
 
-def batch_indices(seed: int, step: int, rank: int, world_size: int, batch_size: int, n: int) -> torch.Tensor:
-    """A function of (seed, step) alone, so a resumed run sees the same batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(0, n, (world_size * batch_size,), generator=g)[rank * batch_size : (rank + 1) * batch_size]
-
-
 def test_accuracy(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, device: torch.device) -> float:
     """Accuracy of this rank's replica on the held-out split."""
     with torch.no_grad():
         return (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
 
 
-def params_sha256(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def print_json(event: dict) -> None:
-    # One write per line: every rank shares the agent's stdout, and print()'s
-    # separate newline write would let lines of different ranks interleave.
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
-
-
-def emit(rank: int, **event) -> None:
-    if rank == 0:
-        print_json(event)
-
-
 def train(args, info, device, ddp, state, manager, start_step, progress, data) -> float:
     """Steps ``start_step .. args.steps - 1``; returns the last loss."""
     x_train, y_train, x_test, y_test = data
-    model, optimizer, averager = state["model"], state["optimizer"], state["averager"]
+    model, optimizer = state["model"], state["optimizer"]
     loss_fn = torch.nn.CrossEntropyLoss()
-    loss = torch.tensor(float("nan"))
-    for step in range(start_step, args.steps):
+
+    def train_step(step: int) -> torch.Tensor:
         idx = batch_indices(args.seed, step, info.rank, info.world_size, args.batch_size, len(x_train))
-        xb, yb = x_train[idx].to(device), y_train[idx].to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(ddp(xb), yb)
+        loss = loss_fn(ddp(x_train[idx].to(device)), y_train[idx].to(device))
         loss.backward()
         optimizer.step()
-        averager.average_parameters(ddp.parameters())
-        done = step + 1
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            manager.save(done, state)
-            emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
-        if done % args.log_every == 0:
-            emit(
-                info.rank, event="progress", step=done, loss=round(loss.item(), 5),
-                test_accuracy=round(test_accuracy(model, x_test, y_test, device), 4), world_size=info.world_size,
-            )
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", world=info.world_size)
-        if args.step_delay:
-            time.sleep(args.step_delay)
-    return loss.item()
+        return loss
+
+    def metrics() -> dict:
+        return {"test_accuracy": round(test_accuracy(model, x_test, y_test, device), 4)}
+
+    return train_loop(args, info, state, manager, start_step, progress, train_step, metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s rank" + os.environ.get("RANK", "?") + " %(message)s", stream=sys.stderr)
-    info = init_distributed(timeout=timedelta(seconds=args.collective_timeout))
-    device = torch.device("cuda", info.local_rank) if info.backend == "nccl" else torch.device("cpu")
-    print_json({"event": "worker", "rank": info.rank, "pid": os.getpid(), "world_size": info.world_size})
+    info, device = init_worker(args.collective_timeout)
 
     x_train, y_train, x_test, y_test = load_data(args.seed)
     torch.manual_seed(args.seed)
@@ -162,28 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
     resumed = resume(manager, state, averager)
-    hierarchy = [[lv.period, lv.group_size] for lv in averager.levels]
-    if resumed.checkpoint is None:
-        emit(info.rank, event="started", step=0, world_size=info.world_size, generation=resumed.generation, hierarchy=hierarchy)
-    else:
-        emit(
-            info.rank, event="resumed", step=resumed.step, world_size=info.world_size,
-            previous_world_size=resumed.previous_world_size, generation=resumed.generation, hierarchy=hierarchy,
-        )
-
-    progress = None
-    quiet_logs = contextlib.nullcontext()
-    if info.rank == 0 and sys.stderr.isatty():
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        progress = tqdm(total=args.steps, initial=resumed.step, desc="train", unit="step")
-        quiet_logs = logging_redirect_tqdm()  # log lines above the bar, not through it
-    with quiet_logs:
+    announce(info, resumed, averager)
+    with progress_bar(info, args.steps, resumed.step) as progress:
         loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test))
     manager.close()
-    if progress is not None:
-        progress.close()
 
     accuracy = test_accuracy(model, x_test, y_test, device)
     emit(

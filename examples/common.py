@@ -1,0 +1,157 @@
+"""What the example jobs share: flags, JSON events, batch selection, the training loop.
+
+Each example (``train_digits.py``, ``train_lm.py``) brings its model, data and
+loss; this module runs the rest the same way for both: process group, events
+on rank 0, resume, periodic checkpoints, the progress bar, the final hash.
+
+    >>> from common import batch_indices
+    >>> batch_indices(seed=0, step=3, rank=1, world_size=2, batch_size=4, n=100).tolist() == \\
+    ...     batch_indices(0, 3, 1, 2, 4, 100).tolist()
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from elastic_hsgd.elastic import Resumed, WorkerInfo, init_distributed
+
+
+def parse_hierarchy(text: str) -> dict[int, int | str]:
+    """``"2:local,8:world"`` -> ``{2: "local", 8: "world"}``."""
+    levels: dict[int, int | str] = {}
+    for part in text.split(","):
+        try:
+            period, size = part.split(":")
+            levels[int(period)] = size if size in ("local", "world") else int(size)
+        except ValueError:
+            raise SystemExit(f"--hierarchy part {part!r} is not PERIOD:SIZE (SIZE an int, 'local' or 'world'), e.g. 2:local,8:world")
+    return levels
+
+
+def add_job_arguments(p: argparse.ArgumentParser, *, checkpoint_url: str, steps: int, batch_size: int, lr: float) -> None:
+    """The flags every example job has (checkpointing, hierarchy, schedule, fault handling)."""
+    p.add_argument("--checkpoint-url", default=checkpoint_url, help="any fsspec URL or local folder")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--hierarchy", default="2:local,8:world", help="PERIOD:SIZE,... with SIZE an int, 'local' or 'world'")
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--async-checkpoint", action="store_true", help="write checkpoints in the background")
+    p.add_argument("--collective-timeout", type=float, default=30.0, help="seconds before a collective with a lost peer fails")
+    p.add_argument("--step-delay", type=float, default=0.0, help="extra seconds per step (slows a demo down)")
+    p.add_argument("--storage-options", default="{}", help="JSON passed to fsspec (e.g. an S3 endpoint)")
+
+
+def batch_indices(seed: int, step: int, rank: int, world_size: int, batch_size: int, n: int) -> torch.Tensor:
+    """Indices in ``range(n)`` for this rank's batch: a function of (seed, step, rank, world) alone,
+    so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (world_size * batch_size,), generator=g)[rank * batch_size : (rank + 1) * batch_size]
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def print_json(event: dict) -> None:
+    # One write per line: every rank shares the agent's stdout, and print()'s
+    # separate newline write would let lines of different ranks interleave.
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def emit(rank: int, **event: Any) -> None:
+    if rank == 0:
+        print_json(event)
+
+
+def init_worker(collective_timeout: float) -> tuple[WorkerInfo, torch.device]:
+    """Logging, the process group, and the ``worker`` event (every rank: tests kill workers by pid)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s rank" + os.environ.get("RANK", "?") + " %(message)s", stream=sys.stderr)
+    info = init_distributed(timeout=timedelta(seconds=collective_timeout))
+    device = torch.device("cuda", info.local_rank) if info.backend == "nccl" else torch.device("cpu")
+    print_json({"event": "worker", "rank": info.rank, "pid": os.getpid(), "world_size": info.world_size})
+    return info, device
+
+
+def announce(info: WorkerInfo, resumed: Resumed, averager: Any, **extra: Any) -> None:
+    """The ``started`` or ``resumed`` event, with the hierarchy resolved for this world."""
+    hierarchy = [[lv.period, lv.group_size] for lv in averager.levels]
+    if resumed.checkpoint is None:  # a step-0 checkpoint is a resume
+        emit(info.rank, event="started", step=0, world_size=info.world_size, generation=resumed.generation, hierarchy=hierarchy, **extra)
+    else:
+        emit(
+            info.rank, event="resumed", step=resumed.step, world_size=info.world_size,
+            previous_world_size=resumed.previous_world_size, generation=resumed.generation, hierarchy=hierarchy, **extra,
+        )
+
+
+@contextlib.contextmanager
+def progress_bar(info: WorkerInfo, total: int, initial: int) -> Iterator[Any]:
+    """A tqdm bar on rank 0 when stderr is a terminal (log lines go above it), else ``None``."""
+    if info.rank != 0 or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with tqdm(total=total, initial=initial, desc="train", unit="step") as bar, logging_redirect_tqdm():
+        yield bar
+
+
+def train_loop(
+    args: argparse.Namespace,
+    info: WorkerInfo,
+    state: dict[str, Any],
+    manager: Any,
+    start_step: int,
+    progress: Any,
+    train_step: Callable[[int], torch.Tensor],
+    metrics: Callable[[], dict[str, Any]],
+) -> float:
+    """Steps ``start_step .. args.steps - 1``; returns the last loss.
+
+    ``train_step(step)`` runs forward, backward and the optimizer step and
+    returns the loss; then the averager averages ``state["model"]``, a
+    checkpoint is saved every ``args.checkpoint_every`` steps (and at the end),
+    and every ``args.log_every`` steps a ``progress`` event carries the loss and
+    ``metrics()``.
+    """
+    model, averager = state["model"], state["averager"]
+    loss = torch.tensor(float("nan"))
+    for step in range(start_step, args.steps):
+        loss = train_step(step)
+        averager.average_parameters(model.parameters())
+        done = step + 1
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            manager.save(done, state)
+            emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
+        if done % args.log_every == 0:
+            emit(info.rank, event="progress", step=done, loss=round(loss.item(), 5), **metrics(), world_size=info.world_size)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", world=info.world_size)
+        if args.step_delay:
+            time.sleep(args.step_delay)
+    return loss.item()
