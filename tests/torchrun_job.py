@@ -11,21 +11,25 @@ import threading
 import time
 from pathlib import Path
 
-EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "train_digits.py")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE = str(EXAMPLES / "train_digits.py")
+LM_EXAMPLE = str(EXAMPLES / "train_lm.py")
 FAST_RDZV = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3"
 
 
 class Agent:
     """One torchrun agent with its workers."""
 
-    def __init__(self, torchrun_args: list[str], script_args: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, torchrun_args: list[str], script_args: list[str], log_dir: Path, name: str, script: str = EXAMPLE, env: dict[str, str] | None = None
+    ):
         env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.name = name
         self.stderr_path = log_dir / f"{name}.stderr"
         self.events: list[dict] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *torchrun_args, EXAMPLE, *script_args],
+            [sys.executable, "-m", "torch.distributed.run", *torchrun_args, script, *script_args],
             stdout=subprocess.PIPE,
             stderr=open(self.stderr_path, "w"),
             text=True,

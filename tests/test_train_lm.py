@@ -1,0 +1,109 @@
+"""The language-model example: corpus, batches and model as pure functions, then under real torchrun agents."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+from tests.distributed import free_port
+from tests.torchrun_job import EXAMPLES, LM_EXAMPLE, Agent
+
+sys.path.insert(0, str(EXAMPLES))
+import train_lm  # noqa: E402
+
+
+def test_corpus_is_deterministic_split_by_file_and_hashed():
+    a, b = train_lm.load_corpus(300_000), train_lm.load_corpus(300_000)
+    assert a.sha256 == b.sha256 and torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert len(a.train) + len(a.val) == 300_000
+    assert a.val_files == a.files // 10 and a.val_files >= 1
+    files = train_lm.source_files(train_lm.Path(a.root))
+    assert all(not ({"test", "tests", "site-packages"} & set(p.relative_to(a.root).parts)) for p in files)
+    # Held out by file: the 10th file's text is in val and nowhere in train.
+    tenth = files[9].read_bytes()[:200]
+    assert tenth in bytes(a.val.numpy()) and tenth not in bytes(a.train.numpy())
+    assert train_lm.load_corpus(300_001).sha256 != a.sha256
+
+
+def test_batches_are_a_pure_function_of_seed_step_rank_and_world():
+    data = torch.arange(1000, dtype=torch.int64) % 256
+    x1, y1 = train_lm.lm_batch(data, 3, 17, 1, 4, 5, 16)
+    x2, y2 = train_lm.lm_batch(data, 3, 17, 1, 4, 5, 16)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (5, 16)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the next bytes
+    other_rank, _ = train_lm.lm_batch(data, 3, 17, 2, 4, 5, 16)
+    other_step, _ = train_lm.lm_batch(data, 3, 18, 1, 4, 5, 16)
+    assert not torch.equal(x1, other_rank) and not torch.equal(x1, other_step)
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = train_lm.TinyGPT(train_lm.GPTConfig(context=16, width=32, layers=2, heads=4))
+    tokens = torch.randint(0, 256, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 256
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert torch.equal(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_bad_model_shape_is_refused_with_the_fix():
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--width", "30", "--heads", "4"])
+
+
+def _single_node(port: int) -> list[str]:
+    return [
+        "--nnodes=1", "--nproc-per-node=4", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--max-restarts=3", "--monitor-interval=0.2",
+    ]
+
+
+TINY = [
+    "--steps", "40", "--checkpoint-every", "10", "--log-every", "10", "--warmup-steps", "4", "--hierarchy", "2:2,4:world",
+    "--width", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "4", "--corpus-bytes", "300000",
+    "--val-windows", "16", "--lr-warmup-steps", "5", "--step-delay", "0.05", "--collective-timeout", "20",
+]
+
+
+def _run_to_done(agent: Agent, deadline_s: float = 120) -> dict:
+    try:
+        done = agent.wait_for(lambda e: e["event"] == "done", deadline_s, "done line")
+        agent.proc.wait(timeout=30)
+        return done
+    finally:
+        agent.stop()
+
+
+@pytest.mark.torchrun
+def test_lm_killed_worker_resumes_to_a_bit_identical_result_and_reports_val_loss(tmp_path):
+    reference = Agent(_single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference", LM_EXAMPLE)
+    expected = _run_to_done(reference)
+
+    agent = Agent(_single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed", LM_EXAMPLE)
+    try:
+        agent.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 10, 90, "first checkpoint")
+        victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
+        os.kill(victim, signal.SIGKILL)
+        resumed = agent.wait_for(lambda e: e["event"] == "resumed", 90, "resumed line")
+        done = _run_to_done(agent)
+    finally:
+        agent.stop()
+
+    started = next(e for e in reference.snapshot() if e["event"] == "started")
+    assert started["corpus_sha256"] == train_lm.load_corpus(300_000).sha256
+    assert resumed["corpus_sha256"] == started["corpus_sha256"]
+    assert resumed["world_size"] == 4 and resumed["previous_world_size"] == 4 and 10 <= resumed["step"] < 40
+    assert done["step"] == 40
+    assert done["params_sha256"] == expected["params_sha256"]
+    assert done["val_loss"] == expected["val_loss"]
+    progress = [e for e in reference.snapshot() if e["event"] == "progress"]
+    assert [e["step"] for e in progress] == [10, 20, 30, 40]
+    # Nats per byte: below a uniform guess over 256 bytes, and it went down while training.
+    assert math.isfinite(expected["val_loss"]) and expected["val_loss"] < progress[0]["val_loss"] < math.log(256)
