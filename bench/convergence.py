@@ -1,9 +1,11 @@
-"""Accuracy versus global traffic: DDP, post-local SGD and hierarchical SGD on digits.
+"""Quality versus global traffic: DDP, post-local SGD and hierarchical SGD, side by side.
 
-    python bench/convergence.py [--seeds 0 1 2] [--steps 641] [--out docs]
+    python bench/convergence.py [--seeds 0 1 2] [--steps 641] [--out docs]            # digits
+    python bench/convergence.py --task lm [--seeds 0 1 2] [--out docs]                 # byte-level GPT
 
-`--world-size` gloo workers on this machine (4 by default), scikit-learn's digits with a fixed held-out
-test split, the same MLP, seeds, learning-rate schedule and number of steps for:
+``--task digits`` (default): `--world-size` gloo workers on this machine (4 by default),
+scikit-learn's digits with a fixed held-out test split, the same MLP, seeds, learning-rate
+schedule and number of steps for:
 
 (a) DDP: gradients all-reduced over the world every step;
 (b) post-local SGD, one level: torch's ``PeriodicModelAverager`` (period 8);
@@ -12,11 +14,18 @@ test split, the same MLP, seeds, learning-rate schedule and number of steps for:
     a third level can only repeat a group size, as in torch's own tests), and
     {2: 2, 8: 4, 32: world} with ``--world-size 8``.
 
-(b)-(d) run torch's post-local-SGD hook: global gradient all-reduce for the
-first ``--warmup`` steps, local steps after. Every ``dist.all_reduce`` is
-counted (bytes per rank, by whether its group spans the world), DDP's included
-(it runs through the equivalent allreduce comm hook). Writes a markdown table
-and a PNG of test accuracy versus global bytes.
+``--task lm``: 8 workers by default, ``examples/train_lm.py``'s byte-level GPT (0.25 M
+parameters by default, to fit a 2-core machine; ``--width``/``--layers`` for more) on the installed standard library's Python source, validation loss in nats per
+byte on held-out files, AdamW, the same token budget for every row (steps x workers x batch x
+context), rows from :func:`lm_rows`: DDP, post-local SGD (period 16), hierarchical SGD with two
+levels (gradients all-reduced within a node of 4 every step, parameters averaged over the world
+every 32 steps) and three levels (gradients within pairs every step, parameters within nodes of 4
+every 4 steps and over the world every 32 or 64); rows waiting for other work are pending.
+
+The post-local-SGD rows run torch's post-local-SGD hook: global gradient all-reduce for the
+first ``--warmup`` steps, local steps after. Every ``dist.all_reduce`` is counted (bytes per
+rank, by whether its group spans the world), DDP's included (it runs through the equivalent
+allreduce comm hook). Writes a markdown table and a PNG of the metric versus global bytes.
 """
 
 from __future__ import annotations
@@ -27,9 +36,10 @@ import os
 import statistics
 import sys
 import time
-from collections import OrderedDict
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -43,18 +53,56 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from elastic_hsgd import HierarchicalModelAverager  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
 from elastic_hsgd.elastic import attach_post_local_sgd  # noqa: E402
-from train_digits import batch_indices, load_data  # noqa: E402
+from common import batch_indices  # noqa: E402
 
-def configs(world: int) -> OrderedDict:
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration: how gradients and parameters are communicated.
+
+    ``kind`` is ``"ddp"``, ``"periodic"`` (torch's one-level averager, ``period``) or
+    ``"hierarchical"`` (ours, ``hierarchy``; ``averager_kwargs(params)`` adds constructor
+    arguments built from the model's parameters; ``hook_subgroup`` > 0 all-reduces gradients every
+    step within blocks of that many ranks, below the averager's levels, as torch's post-local-SGD
+    hook does with a subgroup). A row with ``pending`` set is listed, not run.
+    """
+
+    name: str
+    kind: str
+    period: int = 0
+    hierarchy: dict = field(default_factory=dict)
+    averager_kwargs: Callable[[list[torch.nn.Parameter]], dict] | None = None
+    hook_subgroup: int = 0
+    pending: str = ""
+
+
+def hierarchy_name(levels: dict) -> str:
+    return "{" + ", ".join(f"{p}:{s}" for p, s in levels.items()) + "}"
+
+
+def digits_rows(world: int) -> list[Row]:
     three = {2: 2, 16: 4, 32: 4} if world < 8 else {2: 2, 8: 4, 32: "world"}
-    return OrderedDict(
-        [
-            ("(a) DDP", None),
-            ("(b) post-local SGD, period 8", "periodic"),
-            ("(c) hierarchical {2:2, 16:world}", {2: 2, 16: "world"}),
-            ("(d) hierarchical {" + ", ".join(f"{p}:{s}" for p, s in three.items()) + "}", three),
-        ]
-    )
+    return [
+        Row("(a) DDP", "ddp"),
+        Row("(b) post-local SGD, period 8", "periodic", period=8),
+        Row("(c) hierarchical {2:2, 16:world}", "hierarchical", hierarchy={2: 2, 16: "world"}),
+        Row(f"(d) hierarchical {hierarchy_name(three)}", "hierarchical", hierarchy=three),
+    ]
+
+
+def lm_rows(world: int) -> list[Row]:
+    """Adding a configuration is one entry here. A "node" is 4 ranks (2 below 8 workers)."""
+    node = 4 if world >= 8 else 2
+    pair = 2 if node > 2 else 1
+    return [
+        Row("(a) DDP", "ddp"),
+        Row("(b) post-local SGD, period 16", "periodic", period=16),
+        Row(f"(c) hierarchical, 2 levels: node gradients ({node}) every step, {{32:world}}", "hierarchical", hierarchy={32: "world"}, hook_subgroup=node),
+        Row(f"(d) hierarchical, 3 levels: pair gradients every step, {{4:{node}, 32:world}}", "hierarchical", hierarchy={4: node, 32: "world"}, hook_subgroup=pair),
+        Row(f"(e) hierarchical, 3 levels: pair gradients every step, {{4:{node}, 64:world}}", "hierarchical", hierarchy={4: node, 64: "world"}, hook_subgroup=pair),
+        Row("(f) hierarchical DiLoCo (outer Nesterov, bf16 top level)", "hierarchical", pending="needs the averager's outer_optimizers=/comm_dtypes= (outer-optimizer issue), not on main yet"),
+        Row("(g) torchft DiLoCo (peer)", "torchft", pending="needs the reusable torchft DiLoCo runner (outer-optimizer issue), not on main yet"),
+    ]
 
 
 class TrafficCounter:
@@ -83,93 +131,190 @@ class TrafficCounter:
         self.global_bytes = self.subgroup_bytes = 0
 
 
-def make_model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+class DigitsTask:
+    """scikit-learn's digits, an MLP, SGD with momentum; test accuracy (higher is better)."""
+
+    metric = "test accuracy"
+    higher_is_better = True
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from train_digits import load_data
+
+        self.args = args
+        self.x_train, self.y_train, self.x_test, self.y_test = load_data(0)
+
+    def model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.args.lr, momentum=0.9)
+
+    def lr(self, step: int) -> float:
+        """Linear warmup over 20 steps, then cosine decay: the same for every configuration."""
+        steps, base = self.args.steps, self.args.lr
+        if step < 20:
+            return base * (step + 1) / 20
+        return base * 0.5 * (1 + math.cos(math.pi * (step - 20) / max(1, steps - 20)))
+
+    def loss(self, ddp, seed: int, step: int, rank: int, world: int) -> torch.Tensor:
+        idx = batch_indices(seed, step, rank, world, self.args.batch_size, len(self.x_train))
+        return torch.nn.functional.cross_entropy(ddp(self.x_train[idx]), self.y_train[idx])
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return (model(self.x_test).argmax(1) == self.y_test).float().mean().item()
 
 
-def lr_at(step: int, steps: int, base: float) -> float:
-    """Linear warmup over 20 steps, then cosine decay: the same for every configuration."""
-    if step < 20:
-        return base * (step + 1) / 20
-    return base * 0.5 * (1 + math.cos(math.pi * (step - 20) / max(1, steps - 20)))
+class LMTask:
+    """``examples/train_lm.py``'s byte-level GPT and corpus; validation loss (lower is better)."""
+
+    metric = "val loss"
+    higher_is_better = False
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import train_lm
+
+        self.args, self.lm = args, train_lm
+        self.corpus = train_lm.load_corpus(args.corpus_bytes)
+        self.held_out = train_lm.val_windows(self.corpus.val, args.val_windows, args.context)
+        self.cfg = train_lm.GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=args.heads)
+
+    def model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return self.lm.TinyGPT(self.cfg)
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def lr(self, step: int) -> float:
+        return self.lm.lr_at(step, self.args.steps, self.args.lr, 20)
+
+    def loss(self, ddp, seed: int, step: int, rank: int, world: int) -> torch.Tensor:
+        inputs, targets = self.lm.lm_batch(self.corpus.train, seed, step, rank, world, self.args.batch_size, self.args.context)
+        return self.lm.lm_loss(ddp, inputs, targets)
+
+    def clip(self, model: torch.nn.Module) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        return self.lm.val_loss(model, self.held_out, torch.device("cpu"))
 
 
-def run_one(name, config, seed, args, data, counter, rank, world):
-    x_train, y_train, x_test, y_test = data
-    model = make_model(seed)
-    ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
-    averager = None
-    if config is None:
+TASKS = {"digits": DigitsTask, "lm": LMTask}
+ROWS = {"digits": digits_rows, "lm": lm_rows}
+
+
+def build(row: Row, ddp: DistributedDataParallel, warmup: int) -> Any:
+    """Register ``row``'s comm hook on ``ddp`` and return its averager (``None`` for DDP)."""
+    if row.kind == "ddp":
         ddp.register_comm_hook(None, default_hooks.allreduce_hook)  # what DDP does by default, through dist.all_reduce
-    elif config == "periodic":
-        averager = PeriodicModelAverager(period=8, warmup_steps=args.warmup)
+        return None
+    if row.kind == "periodic":
         from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
 
-        ddp.register_comm_hook(PostLocalSGDState(None, None, args.warmup, post_local_gradient_allreduce=False), post_localSGD_hook)
-    else:
-        averager = HierarchicalModelAverager(config, warmup_steps=args.warmup)
-        attach_post_local_sgd(ddp, averager)
+        ddp.register_comm_hook(PostLocalSGDState(None, None, warmup, post_local_gradient_allreduce=False), post_localSGD_hook)
+        return PeriodicModelAverager(period=row.period, warmup_steps=warmup)
+    kwargs = row.averager_kwargs(list(ddp.module.parameters())) if row.averager_kwargs else {}
+    averager = HierarchicalModelAverager(row.hierarchy, warmup_steps=warmup, **kwargs)
+    attach_post_local_sgd(ddp, averager, subgroup=hook_subgroup(row.hook_subgroup) if row.hook_subgroup else None)
+    return averager
+
+
+_SUBGROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def hook_subgroup(size: int) -> dist.ProcessGroup:
+    """This rank's block of ``size`` contiguous ranks; made once (collectively, in row order) and reused."""
+    if size not in _SUBGROUPS:
+        _SUBGROUPS[size] = dist.new_subgroups(size)[0]
+    return _SUBGROUPS[size]
+
+
+def run_one(task, row: Row, seed: int, args: argparse.Namespace, counter: TrafficCounter, rank: int, world: int) -> dict:
+    model = task.model(seed)
+    ddp = DistributedDataParallel(model)
+    optimizer = task.optimizer(ddp.parameters())
+    averager = build(row, ddp, args.warmup)
+    clip = getattr(task, "clip", None)
     counter.reset()
     curve = []
     start = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        idx = batch_indices(seed, step, rank, world, args.batch_size, len(x_train))
+            group["lr"] = task.lr(step)
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(ddp(x_train[idx]), y_train[idx]).backward()
+        task.loss(ddp, seed, step, rank, world).backward()
+        if clip is not None:
+            clip(model)
         optimizer.step()
         if averager is not None:
             averager.average_parameters(ddp.parameters())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            with torch.no_grad():
-                acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-            curve.append((step + 1, counter.global_bytes, acc))
+            curve.append((step + 1, counter.global_bytes, task.evaluate(model) if rank == 0 else float("nan")))
     wall = time.perf_counter() - start
-    return {"name": name, "seed": seed, "accuracy": curve[-1][2], "global_bytes": counter.global_bytes, "subgroup_bytes": counter.subgroup_bytes, "wall_s": wall, "curve": curve}
+    return {"name": row.name, "seed": seed, "metric": curve[-1][2], "global_bytes": counter.global_bytes, "subgroup_bytes": counter.subgroup_bytes, "wall_s": wall, "curve": curve}
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     counter = TrafficCounter()
     counter.install()
-    data = load_data(0)
+    task = TASKS[args.task](args)
     out = []
     for seed in args.seeds:
-        for name, config in configs(world).items():
+        for row in ROWS[args.task](world):
+            if row.pending:
+                continue
             dist.barrier()
-            out.append(run_one(name, config, seed, args, data, counter, rank, world))
+            out.append(run_one(task, row, seed, args, counter, rank, world))
+            if rank == 0:
+                r = out[-1]
+                print(f"seed {seed} {row.name}: {task.metric} {r['metric']:.4f}, global {r['global_bytes'] / 1e6:.1f} MB, {r['wall_s']:.1f} s", flush=True)
     if rank == 0:
         results.put(out)
     dist.destroy_process_group()
 
 
+def output_stem(args: argparse.Namespace) -> str:
+    stem = "convergence" if args.task == "digits" else f"convergence-{args.task}"
+    default_world = 4 if args.task == "digits" else 8
+    return stem if args.world_size == default_world else f"{stem}-w{args.world_size}"
+
+
 def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
-    names = list(configs(args.world_size))
-    suffix = "" if args.world_size == 4 else f"-w{args.world_size}"
-    ddp_acc = statistics.mean(r["accuracy"] for r in runs if r["name"] == "(a) DDP")
-    ddp_bytes = statistics.mean(r["global_bytes"] for r in runs if r["name"] == "(a) DDP")
-    lines = [
-        f"{args.world_size} gloo workers, {args.steps} steps, batch {args.batch_size}/worker, seeds {args.seeds}, warmup {args.warmup} steps, "
-        "bytes per rank",
-        "",
-        "| configuration | test accuracy (mean ± sd) | vs DDP | global bytes | fewer global bytes | subgroup bytes | wall s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in names:
-        rs = [r for r in runs if r["name"] == name]
-        accs = [r["accuracy"] * 100 for r in rs]
+    task_cls = TASKS[args.task]
+    rows = ROWS[args.task](args.world_size)
+    accuracy = task_cls.higher_is_better
+    ddp_metric = statistics.mean(r["metric"] for r in runs if r["name"] == rows[0].name)
+    ddp_bytes = statistics.mean(r["global_bytes"] for r in runs if r["name"] == rows[0].name)
+    if accuracy:
+        header = f"{args.world_size} gloo workers, {args.steps} steps, batch {args.batch_size}/worker, seeds {args.seeds}, warmup {args.warmup} steps, bytes per rank"
+        metric_col, delta_col = "test accuracy (mean ± sd)", "vs DDP"
+    else:
+        tokens = args.steps * args.world_size * args.batch_size * args.context
+        header = (
+            f"{args.world_size} gloo workers, {args.steps} steps x batch {args.batch_size}/worker x {args.context} bytes = {tokens / 1e6:.2f} M training bytes "
+            f"for every row, seeds {args.seeds}, warmup {args.warmup} steps, {args.val_windows} held-out windows, bytes per rank"
+        )
+        metric_col, delta_col = "val loss, nats/byte (mean ± sd)", "vs DDP"
+    lines = [header, "", f"| configuration | {metric_col} | {delta_col} | global bytes | fewer global bytes | subgroup bytes | wall s |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        rs = [r for r in runs if r["name"] == row.name]
+        if not rs:
+            lines.append(f"| {row.name} | pending: {row.pending or 'not run'} | | | | | |")
+            continue
+        values = [r["metric"] * 100 if accuracy else r["metric"] for r in rs]
+        mean, sd = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
         gb = statistics.mean(r["global_bytes"] for r in rs)
         sb = statistics.mean(r["subgroup_bytes"] for r in rs)
         wall = statistics.mean(r["wall_s"] for r in rs)
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(
-            f"| {name} | {statistics.mean(accs):.2f} ± {sd:.2f} % | {statistics.mean(accs) - ddp_acc * 100:+.2f} pp | "
-            f"{gb / 1e6:.1f} MB | {ddp_bytes / gb:.1f}x | {sb / 1e6:.1f} MB | {wall:.1f} |"
-        )
+        if accuracy:
+            value, delta = f"{mean:.2f} ± {sd:.2f} %", f"{mean - ddp_metric * 100:+.2f} pp"
+        else:
+            value, delta = f"{mean:.4f} ± {sd:.4f}", f"{(mean / ddp_metric - 1) * 100:+.2f} %"
+        lines.append(f"| {row.name} | {value} | {delta} | {gb / 1e6:.1f} MB | {ddp_bytes / gb:.1f}x | {sb / 1e6:.1f} MB | {wall:.1f} |")
     table = "\n".join(lines)
 
     import matplotlib
@@ -179,39 +324,66 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = [("-", "o"), ("-", "s"), ("-", "^"), ("--", "x")]  # (c) and (d) coincide at 4 workers
-    for name, (line, marker) in zip(names, styles):
-        rs = [r for r in runs if r["name"] == name]
+    styles = [("-", "o"), ("-", "s"), ("-", "^"), ("--", "x"), (":", "D"), ("-", "v"), ("-.", "P")]  # digits (c) and (d) coincide at 4 workers
+    for row, (line, marker) in zip(rows, styles):
+        rs = [r for r in runs if r["name"] == row.name]
+        if not rs:
+            continue
         points = list(zip(*[r["curve"] for r in rs]))
-        xs = [statistics.mean(p[1] for p in pts) / 1e6 for pts in points]
-        ys = [statistics.mean(p[2] for p in pts) * 100 for pts in points]
-        ax.plot(xs, ys, linestyle=line, marker=marker, markersize=4, label=name)
+        xs = [max(statistics.mean(p[1] for p in pts) / 1e6, 1e-3) for pts in points]
+        ys = [statistics.mean(p[2] for p in pts) * (100 if accuracy else 1) for pts in points]
+        ax.plot(xs, ys, linestyle=line, marker=marker, markersize=4, label=row.name)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("global all-reduce traffic per rank so far (MB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(80, 100)
-    ax.set_title(f"digits, {args.world_size} workers: accuracy vs global traffic (mean of {len(args.seeds)} seeds)")
+    if accuracy:
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(80, 100)
+        ax.set_title(f"digits, {args.world_size} workers: accuracy vs global traffic (mean of {len(args.seeds)} seeds)")
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.set_ylabel("validation loss (nats per byte)")
+        ax.set_title(f"byte-level GPT, {args.world_size} workers: val loss vs global traffic (mean of {len(args.seeds)} seeds)", fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / f"convergence{suffix}.png", dpi=120)
-    (out_dir / f"convergence{suffix}.md").write_text(table + "\n")
+    stem = output_stem(args)
+    fig.savefig(out_dir / f"{stem}.png", dpi=120)
+    (out_dir / f"{stem}.md").write_text(table + "\n")
     return table
+
+
+TASK_DEFAULTS = {
+    # digits: 641 steps, so the last step (640) averages globally in every configuration.
+    "digits": {"steps": 641, "warmup": 20, "batch_size": 32, "lr": 0.05, "eval_every": 40, "world_size": 4},
+    # lm: 513 steps, so the last step (512) averages globally in every configuration.
+    "lm": {"steps": 513, "warmup": 0, "batch_size": 4, "lr": 2e-3, "eval_every": 64, "world_size": 8},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=641, help="641: the last step (640) averages globally in every configuration")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--steps", type=int, help="digits 641, lm 513: the last step averages globally in every configuration")
+    parser.add_argument("--warmup", type=int, help="post-local-SGD warmup steps (digits 20, lm 0)")
+    parser.add_argument("--batch-size", type=int, help="per worker (digits 32, lm 4 windows)")
+    parser.add_argument("--lr", type=float, help="digits 0.05 (SGD), lm 2e-3 (AdamW)")
+    parser.add_argument("--eval-every", type=int, help="digits 40, lm 64")
     parser.add_argument("--out", default="bench/out")
-    parser.add_argument("--world-size", type=int, default=4, help="8 or more gives (d) a real third level")
+    parser.add_argument("--world-size", type=int, help="digits 4 (8 or more gives (d) a real third level), lm 8")
+    lm = parser.add_argument_group("lm task")
+    lm.add_argument("--context", type=int, default=64)
+    lm.add_argument("--width", type=int, default=96)
+    lm.add_argument("--layers", type=int, default=2)
+    lm.add_argument("--heads", type=int, default=4)
+    lm.add_argument("--corpus-bytes", type=int, default=2_000_000)
+    lm.add_argument("--val-windows", type=int, default=128)
     args = parser.parse_args()
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -220,12 +392,12 @@ def main() -> None:
     procs = [ctx.Process(target=worker, args=(rank, args.world_size, port, args, results)) for rank in range(args.world_size)]
     for p in procs:
         p.start()
-    runs = results.get(timeout=3600)
+    runs = results.get(timeout=6 * 3600)
     for p in procs:
         p.join()
     print(summarize(runs, args, out_dir))
-    suffix = "" if args.world_size == 4 else f"-w{args.world_size}"
-    print(f"\nwrote {out_dir / f'convergence{suffix}.md'} and {out_dir / f'convergence{suffix}.png'}")
+    stem = output_stem(args)
+    print(f"\nwrote {out_dir / f'{stem}.md'} and {out_dir / f'{stem}.png'}")
 
 
 if __name__ == "__main__":

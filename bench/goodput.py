@@ -1,0 +1,262 @@
+"""Goodput under churn: useful training per wall-clock second while workers and nodes come and go.
+
+    python bench/goodput.py [--task lm] [--wall 240] [--every 60] [--seed 0]
+
+Two torchrun agents x 2 workers on 127.0.0.1 (elastic, ``--nnodes=1:2``, c10d rendezvous hosted
+by the first agent) train the same job (``examples/train_lm.py`` with a small model by default,
+or ``train_digits.py``) for ``--wall`` seconds each row. Every ``--every`` seconds a seeded
+schedule, printed first so a run can be repeated, either SIGKILLs one worker (its agent restarts
+the world) or SIGKILLs the second agent and its workers (a lost node: the world shrinks to 2),
+and starts a new agent ``--down`` seconds later (the world grows back to 4).
+
+    goodput = (steps that survive into the final model) x (failure-free seconds per step) / wall seconds
+
+"Survive" means committed in the newest checkpoint when the wall time is up (the job is then
+stopped, as a preempted job would be); failure-free seconds per step come from the first row,
+the same job without failures (its steady state: checkpoints included, start-up excluded), so
+that row's goodput shows what start-up and the final partial interval cost on their own.
+Rows: no failures; torchrun restart + cloud checkpoints (an S3 API server, ``moto_server`` on
+127.0.0.1, unless ``--cloud-url`` names another); then rows that need work not on this branch
+(node-local checkpoint tier, torchft replica groups), listed as pending or not available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from elastic_hsgd.checkpoint.storage import Storage  # noqa: E402
+from tests.distributed import free_port  # noqa: E402
+from tests.torchrun_job import EXAMPLE, FAST_RDZV, LM_EXAMPLE, Agent  # noqa: E402
+
+JOBS = {
+    "lm": (LM_EXAMPLE, ["--width", "64", "--layers", "2", "--heads", "4", "--context", "64", "--batch-size", "8", "--corpus-bytes", "1000000", "--val-windows", "8"]),
+    "digits": (EXAMPLE, []),
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    at_s: float
+    kind: str  # "worker": SIGKILL one worker; "node": SIGKILL the second agent and its workers
+    worker: int  # which live worker (by sorted pid), for "worker"
+
+
+def schedule(seed: int, wall_s: float, every_s: float, down_s: float) -> list[Failure]:
+    """A failure every ``every_s`` seconds, kind and victim drawn from ``seed``; the last one
+    leaves time for a node to come back (``down_s``) before the wall time is up."""
+    rng = random.Random(seed)
+    out, t = [], every_s
+    while t + down_s < wall_s:
+        out.append(Failure(t, rng.choice(["worker", "node"]), rng.randrange(4)))
+        t += every_s
+    return out
+
+
+class Churn:
+    """Two agents on 127.0.0.1; applies a failure schedule and brings lost nodes back."""
+
+    def __init__(self, script: str, job_args: list[str], log_dir: Path) -> None:
+        port = free_port()
+        self.torchrun = [
+            "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=goodput", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=1000", "--monitor-interval=0.2",
+        ]
+        self.script, self.job_args, self.log_dir = script, job_args, log_dir
+        self.host = Agent(self.torchrun, job_args, log_dir, "host", script)  # holds the rendezvous store: never killed
+        _wait_port(port, self.host)
+        self.second: Agent | None = Agent(self.torchrun, job_args, log_dir, "node-0", script)
+        self.agents = [self.host, self.second]
+        self.log: list[str] = []
+
+    def apply(self, failure: Failure, t0: float, until_s: float) -> None:
+        """Apply ``failure`` now, or as soon as its target is up (a restart may still be under way), before ``until_s``."""
+        while True:
+            now = time.monotonic() - t0
+            late = f" ({now - failure.at_s:.1f} s late: target not up before)" if now - failure.at_s > 0.5 else ""
+            if failure.kind == "node":
+                if self.second is not None and self.second.proc.poll() is None and self.second.worker_pids():
+                    self.second.kill()
+                    self.second = None
+                    self.log.append(f"{now:6.1f} s  SIGKILL second agent + its workers{late}")
+                    return
+            else:
+                pids = sorted(pid for agent in self.agents if agent.proc.poll() is None for pid in agent.worker_pids())
+                if pids:
+                    victim = pids[failure.worker % len(pids)]
+                    try:
+                        os.kill(victim, signal.SIGKILL)
+                        self.log.append(f"{now:6.1f} s  SIGKILL worker pid {victim}{late}")
+                        return
+                    except ProcessLookupError:
+                        pass  # exited between listing and kill: pick again
+            if now >= until_s:
+                self.log.append(f"{now:6.1f} s  {failure.kind} failure skipped: no target up since {failure.at_s:.1f} s")
+                return
+            time.sleep(0.05)
+
+    def bring_back(self, t0: float) -> None:
+        self.second = Agent(self.torchrun, self.job_args, self.log_dir, f"node-{len(self.agents)}", self.script)
+        self.agents.append(self.second)
+        self.log.append(f"{time.monotonic() - t0:6.1f} s  new agent joins")
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+
+
+def run_row(name: str, failures: list[Failure], url: str, storage_options: dict, args: argparse.Namespace, log_dir: Path) -> dict:
+    script, model_args = JOBS[args.task]
+    job_args = [
+        *model_args, "--steps", "100000000", "--checkpoint-every", str(args.checkpoint_every), "--log-every", "5",
+        "--hierarchy", "2:local,8:world", "--warmup-steps", "10", "--collective-timeout", "10",
+        "--checkpoint-url", url, "--storage-options", json.dumps(storage_options),
+    ]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    churn = Churn(script, job_args, log_dir)
+    pending = sorted([(f.at_s, 0, f) for f in failures] + [(f.at_s + args.down, 1, None) for f in failures if f.kind == "node"], key=lambda x: x[:2])
+    try:
+        for index, (at_s, _, failure) in enumerate(pending):
+            while time.monotonic() - t0 < at_s:
+                time.sleep(0.05)  # a timer, not synchronisation: the schedule is in wall seconds
+            if failure is not None:
+                next_s = pending[index + 1][0] if index + 1 < len(pending) else args.wall
+                churn.apply(failure, t0, until_s=next_s)
+            elif churn.second is None:
+                churn.bring_back(t0)
+        while time.monotonic() - t0 < args.wall:
+            time.sleep(0.05)
+    finally:
+        churn.stop()
+    events = churn.host.snapshot()
+    committed = Storage(url, storage_options).committed_steps()
+    progress = [e for e in events if e["event"] == "progress"]
+    starts = [e for e in events if e["event"] in ("started", "resumed")]
+    return {
+        "name": name,
+        "survived": committed[-1] if committed else 0,
+        "reached": max((e["step"] for e in progress), default=0),
+        "starts": len(starts),
+        "worlds": [e["world_size"] for e in starts],
+        "progress": [(e["step"], e["_t"]) for e in progress],
+        "log": churn.log,
+    }
+
+
+def steady_seconds_per_step(progress: list[tuple[int, float]]) -> float:
+    """Seconds per step between the first and last progress event of one uninterrupted world."""
+    (s0, t0), (s1, t1) = progress[0], progress[-1]
+    if s1 <= s0:
+        raise RuntimeError(f"the failure-free run made no progress after its first event: {progress[:3]}")
+    return (t1 - t0) / (s1 - s0)
+
+
+def start_moto(log_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = shutil.which("moto_server")
+    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
+    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=open(log_dir / "moto.stderr", "w"))
+    endpoint = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).read()
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"moto_server did not come up on {endpoint}; see {log_dir / 'moto.stderr'}")
+            time.sleep(0.05)
+
+
+def _wait_port(port: int, agent: Agent, deadline_s: float = 60) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if agent.proc.poll() is not None:
+            raise RuntimeError(f"rendezvous host exited: {agent.stderr_tail()}")
+        time.sleep(0.02)
+    raise RuntimeError(f"rendezvous port {port} never opened")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(JOBS), default="lm")
+    parser.add_argument("--wall", type=float, default=240.0, help="seconds per row")
+    parser.add_argument("--every", type=float, default=60.0, help="seconds between failures")
+    parser.add_argument("--down", type=float, default=10.0, help="seconds a lost node stays away")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the failure schedule")
+    parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--cloud-url", help="checkpoint URL for the cloud rows (default: a bucket on a local moto_server)")
+    parser.add_argument("--storage-options", default="{}", help="JSON for --cloud-url")
+    parser.add_argument("--out", default=None, help="folder for logs (default: a new temp folder)")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="elastic-hsgd-goodput-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    failures = schedule(args.seed, args.wall, args.every, args.down)
+    print(f"schedule (seed {args.seed}, a failure every {args.every:g} s, lost nodes back after {args.down:g} s, {args.wall:g} s per row):")
+    for f in failures:
+        print(f"  t={f.at_s:6.1f} s  {f.kind}" + (f" (live worker #{f.worker} by pid)" if f.kind == "worker" else " (second agent + workers)"))
+    sys.stdout.flush()
+
+    moto = None
+    try:
+        if args.cloud_url:
+            cloud_base, options = args.cloud_url.rstrip("/"), json.loads(args.storage_options)
+        else:
+            import s3fs
+
+            moto, endpoint = start_moto(out)
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+            options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+            s3fs.S3FileSystem(**options).mkdir("goodput")
+            cloud_base = "s3://goodput"
+        rows = []
+        for name, row_failures, key in [
+            ("no failures (reference), cloud checkpoints", [], "reference"),
+            ("torchrun restart + cloud checkpoints", failures, "cloud"),
+        ]:
+            rows.append(run_row(name, row_failures, f"{cloud_base}/{key}", options, args, out / key))
+            r = rows[-1]
+            print(f"{name}: {r['survived']} steps committed, worlds {r['worlds']}", flush=True)
+            for line in r["log"]:
+                print("   ", line)
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait(timeout=10)
+
+    t_step = steady_seconds_per_step(rows[0]["progress"])
+    print()
+    print(f"{args.task} job, 2 agents x 2 workers on 127.0.0.1, checkpoint every {args.checkpoint_every} steps, "
+          f"failure-free {t_step * 1000:.0f} ms/step, {args.wall:g} s wall per row, logs in {out}")
+    print()
+    print("| configuration | steps committed | steps reached | (re)starts | world sizes | goodput |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        goodput = r["survived"] * t_step / args.wall
+        worlds = " ".join(str(w) for w in r["worlds"])
+        print(f"| {r['name']} | {r['survived']} | {r['reached']} | {r['starts']} | {worlds} | {goodput:.2f} |")
+    print("| + node-local checkpoint tier | pending: CheckpointManager(local_url=, local_every=) is not on main yet | | | | |")
+    print("| torchft replica groups | not available: not built in this project yet | | | | |")
+
+
+if __name__ == "__main__":
+    main()
