@@ -31,6 +31,7 @@ allreduce comm hook). Writes a markdown table and a PNG of the metric versus glo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -256,24 +257,36 @@ def run_one(task, row: Row, seed: int, args: argparse.Namespace, counter: Traffi
     return {"name": row.name, "seed": seed, "metric": curve[-1][2], "global_bytes": counter.global_bytes, "subgroup_bytes": counter.subgroup_bytes, "wall_s": wall, "curve": curve}
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
+def selected_rows(args: argparse.Namespace, world: int) -> list[Row]:
+    """The task's rows, only those whose letter is in ``--rows`` when given."""
+    rows = ROWS[args.task](world)
+    return [row for row in rows if args.rows is None or row.name[1] in args.rows]
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, runs_path: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     counter = TrafficCounter()
     counter.install()
     task = TASKS[args.task](args)
-    out = []
+    done = {(r["seed"], r["name"]) for r in load_runs(runs_path)}  # read before any rank appends
+    dist.barrier()
     for seed in args.seeds:
-        for row in ROWS[args.task](world):
-            if row.pending:
+        for row in selected_rows(args, world):
+            if row.pending or (seed, row.name) in done:
                 continue
             dist.barrier()
-            out.append(run_one(task, row, seed, args, counter, rank, world))
+            run = run_one(task, row, seed, args, counter, rank, world)
             if rank == 0:
-                r = out[-1]
-                print(f"seed {seed} {row.name}: {task.metric} {r['metric']:.4f}, global {r['global_bytes'] / 1e6:.1f} MB, {r['wall_s']:.1f} s", flush=True)
-    if rank == 0:
-        results.put(out)
+                with runs_path.open("a") as f:  # one line per finished run: an interrupted bench keeps what it measured
+                    f.write(json.dumps(run) + "\n")
+                print(f"seed {seed} {row.name}: {task.metric} {run['metric']:.4f}, global {run['global_bytes'] / 1e6:.1f} MB, {run['wall_s']:.1f} s", flush=True)
     dist.destroy_process_group()
 
 
@@ -300,10 +313,13 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
         )
         metric_col, delta_col = "val loss, nats/byte (mean ± sd)", "vs DDP"
     lines = [header, "", f"| configuration | {metric_col} | {delta_col} | global bytes | fewer global bytes | subgroup bytes | wall s |", "|---|---|---|---|---|---|---|"]
+    if not accuracy:
+        lines[2] = lines[2].replace("| configuration |", "| configuration | seeds |")
+        lines[3] += "---|"
     for row in rows:
         rs = [r for r in runs if r["name"] == row.name]
         if not rs:
-            lines.append(f"| {row.name} | pending: {row.pending or 'not run'} | | | | | |")
+            lines.append(f"| {row.name} |{'' if accuracy else ' |'} pending: {row.pending or 'not run yet'} | | | | | |")
             continue
         values = [r["metric"] * 100 if accuracy else r["metric"] for r in rs]
         mean, sd = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -314,7 +330,8 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
             value, delta = f"{mean:.2f} ± {sd:.2f} %", f"{mean - ddp_metric * 100:+.2f} pp"
         else:
             value, delta = f"{mean:.4f} ± {sd:.4f}", f"{(mean / ddp_metric - 1) * 100:+.2f} %"
-        lines.append(f"| {row.name} | {value} | {delta} | {gb / 1e6:.1f} MB | {ddp_bytes / gb:.1f}x | {sb / 1e6:.1f} MB | {wall:.1f} |")
+        seeds = "" if accuracy else f" {len(rs)} |"
+        lines.append(f"| {row.name} |{seeds} {value} | {delta} | {gb / 1e6:.1f} MB | {ddp_bytes / gb:.1f}x | {sb / 1e6:.1f} MB | {wall:.1f} |")
     table = "\n".join(lines)
 
     import matplotlib
@@ -373,6 +390,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, help="digits 40, lm 64")
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--world-size", type=int, help="digits 4 (8 or more gives (d) a real third level), lm 8")
+    parser.add_argument("--rows", help="letters of the rows to run, e.g. abcd (default: all)")
+    parser.add_argument("--resume", action="store_true", help="keep finished runs from an earlier invocation (same flags) and run the rest")
+    parser.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plot from the runs file")
     lm = parser.add_argument_group("lm task")
     lm.add_argument("--context", type=int, default=64)
     lm.add_argument("--width", type=int, default=96)
@@ -386,18 +406,23 @@ def main() -> None:
             setattr(args, key, value)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(rank, args.world_size, port, args, results)) for rank in range(args.world_size)]
-    for p in procs:
-        p.start()
-    runs = results.get(timeout=6 * 3600)
-    for p in procs:
-        p.join()
-    print(summarize(runs, args, out_dir))
     stem = output_stem(args)
-    print(f"\nwrote {out_dir / f'{stem}.md'} and {out_dir / f'{stem}.png'}")
+    runs_path = out_dir / f"{stem}-runs.jsonl"
+    if not args.summarize_only:
+        if not args.resume:
+            runs_path.unlink(missing_ok=True)
+        port = free_port()
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker, args=(rank, args.world_size, port, args, runs_path)) for rank in range(args.world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode for p in procs):
+            raise SystemExit(f"a worker failed (exit codes {[p.exitcode for p in procs]}); finished runs are in {runs_path}, rerun with --resume")
+    runs = [r for r in load_runs(runs_path) if r["seed"] in args.seeds]
+    print(summarize(runs, args, out_dir))
+    print(f"\nwrote {out_dir / f'{stem}.md'} and {out_dir / f'{stem}.png'} (runs: {runs_path})")
 
 
 if __name__ == "__main__":
