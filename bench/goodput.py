@@ -153,7 +153,7 @@ def run_row(name: str, failures: list[Failure], url: str, storage_options: dict,
         "starts": len(starts),
         "worlds": [e["world_size"] for e in starts],
         "progress": [(e["step"], e["_t"]) for e in progress],
-        "log": churn.log,
+        "log": sorted(churn.log + [f"{e['_t'] - t0:6.1f} s  {e['event']} at step {e['step']}, world {e['world_size']}" for e in starts]),
     }
 
 

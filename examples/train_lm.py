@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus-bytes", type=int, default=2_000_000, help="bytes of standard-library source to use")
     p.add_argument("--val-file-every", type=int, default=10, help="every N-th file (sorted) is held out")
     p.add_argument("--val-windows", type=int, default=64, help="validation windows of --context bytes")
+    p.add_argument(
+        "--gradient-group", default="",
+        help="after warmup, all-reduce gradients every step within blocks of this many ranks ('local': a node), "
+        "below the hierarchy's lowest level; default: none (gradients stay local)",
+    )
     args = p.parse_args(argv)
     if args.width % args.heads:
         p.error(f"--width {args.width} is not divisible by --heads {args.heads}: pick a width that is a multiple of the heads")
@@ -237,6 +242,19 @@ def build_model(args: argparse.Namespace, device: torch.device) -> TinyGPT:
     return TinyGPT(GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=args.heads)).to(device)
 
 
+def gradient_group(spec: str, info) -> dist.ProcessGroup | None:
+    """``--gradient-group``: this rank's block of ranks for per-step gradient all-reduce. Collective."""
+    if not spec:
+        return None
+    try:
+        size = info.local_world_size if spec == "local" else int(spec)
+    except ValueError:
+        raise SystemExit(f"--gradient-group {spec!r} is not an int or 'local', e.g. --gradient-group local")
+    if size <= 0 or info.world_size % size:
+        raise SystemExit(f"--gradient-group {size} does not divide the world size {info.world_size}: use a divisor or 'local'")
+    return dist.new_subgroups(size)[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info, device = init_worker(args.collective_timeout)
@@ -248,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
     averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
-    hook = attach_post_local_sgd(ddp, averager)
+    hook = attach_post_local_sgd(ddp, averager, subgroup=gradient_group(args.gradient_group, info))
     manager = CheckpointManager(
         args.checkpoint_url, keep=args.keep, async_save=args.async_checkpoint, storage_options=json.loads(args.storage_options)
     )

@@ -66,7 +66,7 @@ def _single_node(port: int) -> list[str]:
 
 
 TINY = [
-    "--steps", "40", "--checkpoint-every", "10", "--log-every", "10", "--warmup-steps", "4", "--hierarchy", "2:2,4:world",
+    "--steps", "40", "--checkpoint-every", "10", "--log-every", "10", "--warmup-steps", "4", "--hierarchy", "4:4,8:world", "--gradient-group", "2",
     "--width", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "4", "--corpus-bytes", "300000",
     "--val-windows", "16", "--lr-warmup-steps", "5", "--step-delay", "0.05", "--collective-timeout", "20",
 ]
