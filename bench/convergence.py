@@ -421,6 +421,8 @@ def main() -> None:
         if any(p.exitcode for p in procs):
             raise SystemExit(f"a worker failed (exit codes {[p.exitcode for p in procs]}); finished runs are in {runs_path}, rerun with --resume")
     runs = [r for r in load_runs(runs_path) if r["seed"] in args.seeds]
+    if not any(r["name"] == ROWS[args.task](args.world_size)[0].name for r in runs):
+        raise SystemExit(f"no finished {ROWS[args.task](args.world_size)[0].name} run for seeds {args.seeds} in {runs_path}: run the bench (without --summarize-only) first")
     print(summarize(runs, args, out_dir))
     print(f"\nwrote {out_dir / f'{stem}.md'} and {out_dir / f'{stem}.png'} (runs: {runs_path})")
 
