@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--local-checkpoint-url", default=None, help="node-local folder (e.g. /dev/shm/ckpt), one per node; enables the local tier")
+    p.add_argument("--local-checkpoint-every", type=int, default=None, help="local tier cadence in steps (with --local-checkpoint-url)")
     p.add_argument("--async-checkpoint", action="store_true", help="write checkpoints in the background")
     p.add_argument("--collective-timeout", type=float, default=30.0, help="seconds before a collective with a lost peer fails")
     p.add_argument("--step-delay", type=float, default=0.0, help="extra seconds per step (slows a demo down)")
@@ -124,9 +126,11 @@ def train(args, info, device, ddp, state, manager, start_step, progress, data) -
         optimizer.step()
         averager.average_parameters(ddp.parameters())
         done = step + 1
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            manager.save(done, state)
-            emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
+        for tier in manager.maybe_save(done, state, final=done == args.steps):
+            if tier == "cloud":
+                emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
+            else:  # staged now, committed in the background: `committed` is the newest local step done everywhere
+                emit(info.rank, event="local_checkpoint", step=done, committed=manager.local_committed_step, world_size=info.world_size)
         if done % args.log_every == 0:
             emit(
                 info.rank, event="progress", step=done, loss=round(loss.item(), 5),
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
     hook = attach_post_local_sgd(ddp, averager)
     manager = CheckpointManager(
-        args.checkpoint_url, keep=args.keep, async_save=args.async_checkpoint, storage_options=json.loads(args.storage_options)
+        args.checkpoint_url, keep=args.keep, async_save=args.async_checkpoint, storage_options=json.loads(args.storage_options),
+        every=args.checkpoint_every, local_url=args.local_checkpoint_url, local_every=args.local_checkpoint_every,
     )
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
     resumed = resume(manager, state, averager)
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         emit(
             info.rank, event="resumed", step=resumed.step, world_size=info.world_size,
             previous_world_size=resumed.previous_world_size, generation=resumed.generation, hierarchy=hierarchy,
+            source=resumed.source,
         )
 
     progress = None
