@@ -135,6 +135,7 @@ def train(args, info, device, ddp, state, manager, start_step, progress, data) -
             emit(
                 info.rank, event="progress", step=done, loss=round(loss.item(), 5),
                 test_accuracy=round(test_accuracy(model, x_test, y_test, device), 4), world_size=info.world_size,
+                local_committed=manager.local_committed_step,
             )
         if progress is not None:
             progress.update(1)
