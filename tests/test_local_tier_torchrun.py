@@ -62,7 +62,7 @@ def test_killed_worker_resumes_from_the_local_tier_bit_identical(tmp_path):
 
 def test_lost_node_resumes_from_buddy_copies_and_a_new_node_grows_back_from_the_local_tier(tmp_path):
     port = free_port()
-    steps = 220
+    steps = 400  # long enough that the world of 2 is still training when the new node has started
 
     def args(node: str) -> list[str]:
         return [
@@ -92,7 +92,7 @@ def test_lost_node_resumes_from_buddy_copies_and_a_new_node_grows_back_from_the_
         joining = Agent(torchrun, args("joining"), tmp_path, "joining")
         agents.append(joining)
         grown = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 4, 120, "world of 4 again")
-        done = host.wait_for(lambda e: e["event"] == "done", 150, "done line")
+        done = host.wait_for(lambda e: e["event"] == "done" and e["_t"] > grown["_t"], 150, "done line")
     finally:
         for agent in agents:
             agent.stop()
