@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from elastic_hsgd.checkpoint.layout import CommitRecord, FileEntry, rank_file_name, source_rank
+from elastic_hsgd.checkpoint.layout import CommitRecord, FileEntry, rank_file_name, saved_ranks_to_read
 from elastic_hsgd.checkpoint.local_tier import BUDDY, OWN, StepHolding, buddy_ranks, plan_load
 from tests.distributed import run_workers
 
@@ -29,7 +29,7 @@ def _record(step: int, world: int, tag: str = "a", unix_time: float = 0.0) -> Co
 
 
 def _same_rank(rank: int, saved_world: int, world: int) -> list[int]:
-    return [source_rank(rank, saved_world)]
+    return saved_ranks_to_read(rank, world, saved_world) or [rank % saved_world]
 
 
 def _holding(record, own, buddy) -> StepHolding:
