@@ -503,7 +503,7 @@ class CheckpointManager:
         self._previous = step
         if self.rank == 0:
             logger.info(
-                "loaded checkpoint step %d from the %s tier at %s (world size %d -> %d%s)",
+                "loaded checkpoint step %d (source: %s) from %s (world size %d -> %d%s)",
                 record.step,
                 source,
                 where,
