@@ -1,9 +1,11 @@
 """Checkpoint cost: how long training is blocked by a sync and an async save,
 save throughput against a plain fsspec write of the same bytes, and what a
 resume at a new world size (mean of the saved replicas) costs against a
-resume at the same world size.
+resume at the same world size; for the node-local tier, how long its save
+blocks (per MB of rank state) and how long a resume takes from it against
+one from ``--url``.
 
-    python bench/checkpoint.py [--url /tmp/elastic-hsgd-bench] [--mb 100] [--repeats 5]
+    python bench/checkpoint.py [--url /tmp/elastic-hsgd-bench] [--mb 100] [--repeats 5] [--local-url /dev/shm/x]
     python bench/checkpoint.py --resume [--saved-world 4] [--new-world 2] [--resume-mb 25] [--repeats 3]
 
 One process (world size 1) and a model of about ``--mb`` MB of fp32
@@ -115,11 +117,13 @@ def main() -> None:
     parser.add_argument("--new-world", type=int, default=2)
     parser.add_argument("--resume-mb", type=float, default=25.0, help="MB of fp32 parameters per replica")
     parser.add_argument("--resume-rounds", type=int, default=3, help="alternating rounds of fresh processes; --repeats loads each")
+    parser.add_argument("--local-url", default=None, help="local tier folder (default: a new folder in /dev/shm, else the temp dir)")
     args = parser.parse_args()
     if args.resume:
         resume_cost(args)
         return
     url = args.url or tempfile.mkdtemp(prefix="elastic-hsgd-bench-")
+    local_url = args.local_url or tempfile.mkdtemp(prefix="elastic-hsgd-bench-local-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 
     width = 1024
     layers = max(1, round(args.mb * 2**20 / 4 / (width * width + width)))
@@ -157,12 +161,44 @@ def main() -> None:
         manager.wait()
         async_total.append(time.perf_counter() - start)
 
-    runs = [run_plain, run_sync, run_async]
+    copy_target, memcpy = bytearray(nbytes), []
+
+    def run_memcpy() -> None:  # the floor of any staging copy: one memcpy of the same bytes
+        start = time.perf_counter()
+        memoryview(copy_target)[:] = data
+        memcpy.append(time.perf_counter() - start)
+
+    tiered = CheckpointManager(url, keep=2, include_rng=False, storage_options=options, local_url=local_url, local_every=1, local_keep=2)
+    local_block, local_total = [], []
+
+    def run_local() -> None:
+        nonlocal step
+        step += 1
+        start = time.perf_counter()
+        tiered.save_local(step, state)
+        local_block.append(time.perf_counter() - start)
+        tiered.local.wait()
+        local_total.append(time.perf_counter() - start)
+
+    runs = [run_plain, run_sync, run_async, run_local, run_memcpy]
     for repeat in range(args.repeats):
         # Rotate the order: page-cache writeback of one write slows the next.
-        for fn in runs[repeat % 3 :] + runs[: repeat % 3]:
+        for fn in runs[repeat % len(runs) :] + runs[: repeat % len(runs)]:
             fn()
     fs.rm_file(plain_path)
+
+    # Resume: the newest step is in both tiers; one manager reads it from the local tier, one from --url.
+    step += 1
+    manager.save(step, state)
+    tiered.save_local(step, state)
+    tiered.close()
+    resume_local, resume_cloud = [], []
+    for repeat in range(max(3, args.repeats // 2)):
+        for reader, times in ((tiered, resume_local), (manager, resume_cloud))[:: 1 if repeat % 2 else -1]:
+            start = time.perf_counter()
+            loaded = reader.load_latest(state)
+            times.append(time.perf_counter() - start)
+            assert loaded == step and reader.last_source == ("local" if reader is tiered else "cloud"), (loaded, reader.last_source)
     manager.close()
 
     med = statistics.median
@@ -173,6 +209,15 @@ def main() -> None:
     print(f"  async save, until committed          : {med(async_total) * 1e3:8.1f} ms")
     print(f"  async blocking / sync save           : {med(async_block) / med(sync):8.3f}   (target <= 0.10)")
     print(f"  sync throughput / plain write        : {med(plain) / med(sync):8.3f}   (target >= 0.80)")
+    mb = nbytes / 2**20
+    print(f"local tier at {local_url} (world size 1: no buddy copy), median of {args.repeats}")
+    print(f"  local save, training blocked         : {med(local_block) * 1e3:8.1f} ms  ({med(local_block) * 1e3 / mb:.3f} ms per MB; target <= 1)")
+    print(f"  one memcpy of the same bytes         : {med(memcpy) * 1e3:8.1f} ms  ({med(memcpy) * 1e3 / mb:.3f} ms per MB)")
+    print(f"  local save blocked / memcpy          : {med(local_block) / med(memcpy):8.3f}")
+    print(f"  local save, until committed          : {med(local_total) * 1e3:8.1f} ms")
+    print(f"  resume (load_latest) from local tier : {med(resume_local) * 1e3:8.1f} ms")
+    print(f"  resume (load_latest) from --url      : {med(resume_cloud) * 1e3:8.1f} ms")
+    print(f"  resume local / resume from --url     : {med(resume_local) / med(resume_cloud):8.3f}")
 
 
 if __name__ == "__main__":

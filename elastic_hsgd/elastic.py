@@ -175,6 +175,7 @@ class Resumed:
     previous_world_size: int | None
     generation: int
     checkpoint: int | None = None
+    source: str | None = None  # "local", "buddy" or "cloud"; None when nothing was loaded
 
 
 def resume(manager: CheckpointManager, state: dict[str, Any], averager: HierarchicalModelAverager) -> Resumed:
@@ -197,5 +198,5 @@ def resume(manager: CheckpointManager, state: dict[str, Any], averager: Hierarch
         if step is None:
             logger.info("generation %d: no checkpoint at %s, starting at step 0 with world size %d", generation, manager.url, world)
         else:
-            logger.info("generation %d: resumed step %d, world size %s -> %d", generation, step, previous, world)
-    return Resumed(0 if step is None else step, previous, generation, step)
+            logger.info("generation %d: resumed step %d from %s, world size %s -> %d", generation, step, manager.last_source, previous, world)
+    return Resumed(0 if step is None else step, previous, generation, step, manager.last_source if step is not None else None)

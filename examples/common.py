@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from elastic_hsgd import CheckpointManager
 from elastic_hsgd.elastic import Resumed, WorkerInfo, init_distributed
 
 
@@ -53,10 +54,21 @@ def add_job_arguments(p: argparse.ArgumentParser, *, checkpoint_url: str, steps:
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--local-checkpoint-url", default=None, help="node-local folder (e.g. /dev/shm/ckpt), one per node; enables the local tier")
+    p.add_argument("--local-checkpoint-every", type=int, default=None, help="local tier cadence in steps (with --local-checkpoint-url)")
     p.add_argument("--async-checkpoint", action="store_true", help="write checkpoints in the background")
     p.add_argument("--collective-timeout", type=float, default=30.0, help="seconds before a collective with a lost peer fails")
     p.add_argument("--step-delay", type=float, default=0.0, help="extra seconds per step (slows a demo down)")
     p.add_argument("--storage-options", default="{}", help="JSON passed to fsspec (e.g. an S3 endpoint)")
+
+
+def checkpoint_manager(args: argparse.Namespace) -> CheckpointManager:
+    """The job's CheckpointManager: cloud tier every ``--checkpoint-every`` steps, the
+    node-local tier every ``--local-checkpoint-every`` steps when ``--local-checkpoint-url`` is set."""
+    return CheckpointManager(
+        args.checkpoint_url, keep=args.keep, async_save=args.async_checkpoint, storage_options=json.loads(args.storage_options),
+        every=args.checkpoint_every, local_url=args.local_checkpoint_url, local_every=args.local_checkpoint_every,
+    )
 
 
 def batch_indices(seed: int, step: int, rank: int, world_size: int, batch_size: int, n: int) -> torch.Tensor:
@@ -103,7 +115,8 @@ def announce(info: WorkerInfo, resumed: Resumed, averager: Any, **extra: Any) ->
     else:
         emit(
             info.rank, event="resumed", step=resumed.step, world_size=info.world_size,
-            previous_world_size=resumed.previous_world_size, generation=resumed.generation, hierarchy=hierarchy, **extra,
+            previous_world_size=resumed.previous_world_size, generation=resumed.generation, hierarchy=hierarchy,
+            source=resumed.source, **extra,
         )
 
 
@@ -134,7 +147,7 @@ def train_loop(
 
     ``train_step(step)`` runs forward, backward and the optimizer step and
     returns the loss; then the averager averages ``state["model"]``, a
-    checkpoint is saved every ``args.checkpoint_every`` steps (and at the end),
+    checkpoint is saved every ``args.checkpoint_every`` steps (and at the end; the local tier at its own cadence),
     and every ``args.log_every`` steps a ``progress`` event carries the loss and
     ``metrics()``.
     """
@@ -144,11 +157,16 @@ def train_loop(
         loss = train_step(step)
         averager.average_parameters(model.parameters())
         done = step + 1
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            manager.save(done, state)
-            emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
+        for tier in manager.maybe_save(done, state, final=done == args.steps):
+            if tier == "cloud":
+                emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
+            else:  # staged now, committed in the background: `committed` is the newest local step done everywhere
+                emit(info.rank, event="local_checkpoint", step=done, committed=manager.local_committed_step, world_size=info.world_size)
         if done % args.log_every == 0:
-            emit(info.rank, event="progress", step=done, loss=round(loss.item(), 5), **metrics(), world_size=info.world_size)
+            emit(
+                info.rank, event="progress", step=done, loss=round(loss.item(), 5), **metrics(), world_size=info.world_size,
+                local_committed=manager.local_committed_step,
+            )
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}", world=info.world_size)

@@ -14,7 +14,6 @@ world size. Rank 0 prints JSON lines: ``started``/``resumed``, ``progress``,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 
@@ -22,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import add_job_arguments, announce, batch_indices, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
-from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
+from common import add_job_arguments, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
+from elastic_hsgd import HierarchicalModelAverager
 from elastic_hsgd.elastic import attach_post_local_sgd, resume
 
 log = logging.getLogger("train_digits")
@@ -89,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
     averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
     hook = attach_post_local_sgd(ddp, averager)
-    manager = CheckpointManager(
-        args.checkpoint_url, keep=args.keep, async_save=args.async_checkpoint, storage_options=json.loads(args.storage_options)
-    )
+    manager = checkpoint_manager(args)
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
     resumed = resume(manager, state, averager)
     announce(info, resumed, averager)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import os
@@ -35,8 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from common import add_job_arguments, announce, batch_indices, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
-from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
+from common import add_job_arguments, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
+from elastic_hsgd import HierarchicalModelAverager
 from elastic_hsgd.elastic import attach_post_local_sgd, resume
 
 log = logging.getLogger("train_lm")
@@ -267,9 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
     averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
     hook = attach_post_local_sgd(ddp, averager, subgroup=gradient_group(args.gradient_group, info))
-    manager = CheckpointManager(
-        args.checkpoint_url, keep=args.keep, async_save=args.async_checkpoint, storage_options=json.loads(args.storage_options)
-    )
+    manager = checkpoint_manager(args)
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
     resumed = resume(manager, state, averager)
     announce(

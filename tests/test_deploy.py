@@ -114,7 +114,7 @@ def _run_container(argv: list[str], env: dict[str, str], timeout_s: float = 180)
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def test_manifest_command_runs_and_checkpoints_land_in_s3(s3_bucket):
+def test_manifest_command_runs_and_checkpoints_land_in_s3(s3_bucket, tmp_path):
     from tests.conftest import s3_options
 
     bucket, options = s3_bucket
@@ -125,6 +125,7 @@ def test_manifest_command_runs_and_checkpoints_land_in_s3(s3_bucket):
     assert "--checkpoint-url=" + overrides["CHECKPOINT_URL"] in argv
     # A short run: later flags override the manifest's (argparse keeps the last).
     short = ["--steps=12", "--checkpoint-every=6", "--warmup-steps=2"]
+    argv = argv + [f"--local-checkpoint-url={tmp_path / 'local'}"]  # the pod's emptyDir, here a folder of the test
     env.update(_operator_env(job, free_port()))
     env["PET_RDZV_CONF"] = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"  # one pod: no need to wait
     first = _run_container(argv + short, env)
@@ -142,3 +143,15 @@ def test_manifest_command_runs_and_checkpoints_land_in_s3(s3_bucket):
     resumed = next(e for e in second if e["event"] == "resumed")
     assert resumed["step"] == 12 and resumed["world_size"] == int(job["spec"]["nprocPerNode"])
     assert second[-1]["step"] == 18
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_local_checkpoint_tier_is_a_memory_emptydir_mounted_where_the_flag_points(path):
+    job = next(pytorchjobs(load_documents(path)))
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    container = pytorch_container(job)
+    url = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--local-checkpoint-url="))
+    assert any(a.startswith("--local-checkpoint-every=") for a in container["args"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == url)
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch
 from . import replicas
 from .layout import CommitRecord, FileEntry, plan_retention, rank_file_name, saved_ranks_to_read, step_dir_name, structure_rank, summarize
+from .local_tier import LocalTier
 from .state import RNG_KEY, capture, copy_to_cpu, deserialize, restore, serialize
 from .storage import CheckpointError, RetryPolicy, Storage
 
@@ -63,6 +64,13 @@ class CheckpointManager:
         include_rng: save each rank's RNG state (restored when the world size
             is unchanged).
         timeout: timeout of the checkpoint's own process group.
+        every: cloud cadence of :meth:`maybe_save` (a save at every step divisible by it).
+        local_url: a node-local folder or fsspec URL (``/dev/shm/ckpt``, an
+            ``emptyDir``) for the local tier (:mod:`.local_tier`); each node needs
+            its own. ``None``: no local tier.
+        local_every: local cadence of :meth:`maybe_save`; required with ``local_url``.
+        local_keep: how many committed local checkpoints each node keeps.
+        local_storage_options: fsspec options of ``local_url``.
 
     Construction is collective when ``torch.distributed`` is initialised, and
     checks that every rank can write the URL.
@@ -78,6 +86,19 @@ class CheckpointManager:
         ...     train_step()
         ...     if (step + 1) % 100 == 0:
         ...         manager.save(step + 1, state)  # label: optimizer steps done
+
+    With a local tier, call :meth:`maybe_save` after every step instead; it
+    saves to each tier whose cadence has come (cloud every 100 steps here,
+    local every 5) and :meth:`load_latest` resumes from the newest step any
+    tier can provide for every rank::
+
+        >>> # xdoctest: +SKIP("needs a process group")
+        >>> manager = CheckpointManager("s3://bucket/run-1", every=100, local_url="/dev/shm/run-1", local_every=5)
+        >>> resumed = manager.load_latest(state)        # manager.last_source: "local", "buddy" or "cloud"
+        >>> start = 0 if resumed is None else resumed
+        >>> for step in range(start, steps):
+        ...     train_step()
+        ...     manager.maybe_save(step + 1, state, final=step + 1 == steps)
     """
 
     def __init__(
@@ -92,9 +113,24 @@ class CheckpointManager:
         retry_deadline_s: float = 120.0,
         include_rng: bool = True,
         timeout: timedelta = timedelta(minutes=10),
+        every: int | None = None,
+        local_url: str | None = None,
+        local_every: int | None = None,
+        local_keep: int = 2,
+        local_storage_options: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep={keep!r} must be an int >= 1 (how many checkpoints to keep).")
+        for name, value in (("every", every), ("local_every", local_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be None or an int >= 1 (save every that many steps).")
+        if (local_url is None) != (local_every is None):
+            raise ValueError(
+                f"local_url={local_url!r} and local_every={local_every!r}: give both (a node-local folder and "
+                "its cadence in steps) or neither."
+            )
+        self.every = every
+        self.local_every = local_every
         self.url = url
         self.keep = keep
         self.async_save = async_save
@@ -111,6 +147,7 @@ class CheckpointManager:
         self.last_loaded: CommitRecord | None = None
         # The step this run last loaded or saved: retention supersedes newer ones.
         self._previous: int | None = None
+        self.last_source: str | None = None  # where load_latest found it: "local", "buddy" or "cloud"
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[None]] | None = None
         # Host buffers of async saves, reused: a save starts only after the previous one finished.
@@ -122,6 +159,9 @@ class CheckpointManager:
         except CheckpointError as exc:
             error = str(exc)
         self._raise_if_any(self.all_gather_object(error), "checkpoint storage check")
+        self.local: LocalTier | None = None
+        if local_url is not None:
+            self.local = LocalTier(local_url, keep=local_keep, storage_options=local_storage_options, timeout=timeout)
         atexit.register(_wait_at_exit, weakref.ref(self))
 
     # -- collectives -------------------------------------------------------
@@ -185,6 +225,39 @@ class CheckpointManager:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastic-hsgd-ckpt")
         self._pending = (step, self._executor.submit(self._write_and_commit, step, payload, entries, extra))
 
+    def maybe_save(self, step: int, state: Mapping[str, Any], *, final: bool = False) -> tuple[str, ...]:
+        """Call after every step: save ``step`` to each tier whose cadence divides it. Collective.
+
+        The cloud tier (:meth:`save`) every ``every`` steps, and at ``final``;
+        the local tier every ``local_every`` steps, after the cloud save so it
+        never delays a cloud commit. Blocking is the cloud save's (see
+        ``async_save``) plus the local tier's staging copy. Returns the tiers
+        saved, e.g. ``("cloud", "local")``.
+        """
+        saved: list[str] = []
+        if final or (self.every is not None and step % self.every == 0):
+            self.save(step, state)
+            saved.append("cloud")
+        if self.local_every is not None and step % self.local_every == 0:
+            self.save_local(step, state)
+            saved.append("local")
+        return tuple(saved)
+
+    def save_local(self, step: int, state: Mapping[str, Any]) -> None:
+        """Save ``state`` to the local tier (and its buddy copy) as step ``step``. Collective.
+
+        Blocks only while the state is copied into a host buffer; see :mod:`.local_tier`.
+        """
+        if self.local is None:
+            raise ValueError("this CheckpointManager has no local tier: pass local_url= and local_every=.")
+        payload = capture(state, include_rng=self.include_rng)
+        self.local.save(step, payload, _small_summaries(payload, list(state)), {"entries": sorted(state)})
+
+    @property
+    def local_committed_step(self) -> int | None:
+        """The newest local step this rank knows committed on every node (``None`` without a local tier)."""
+        return None if self.local is None else self.local.committed_step
+
     def wait(self) -> None:
         """Block until a pending asynchronous save is committed; raise if it failed."""
         if self._pending is None:
@@ -203,6 +276,8 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self.local is not None:
+                self.local.close()
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -331,55 +406,113 @@ class CheckpointManager:
         return step
 
     def load_latest(self, state: MutableMapping[str, Any]) -> int | None:
-        """Load the newest committed checkpoint that verifies; return its step, or ``None`` if there is none.
+        """Load the newest checkpoint that every rank can get and verify; return its step, or ``None`` if there is none.
 
-        A corrupt, truncated, missing or refused newest checkpoint is skipped
-        with a warning, falling back to the one before. A storage error that
-        outlasts the retry policy is raised on every rank instead (falling
-        back would silently lose the newer work). Ranks agree on the step.
+        Candidates are the cloud tier's committed steps and, with a local tier,
+        the local steps some node holds; the newest wins. A local step is used
+        when every rank's needs are covered by its node's copies or by copies
+        on other nodes (sent over the tier's group); otherwise, or when copies
+        fail verification, the same step comes from the cloud if it is there.
+        A corrupt, truncated, missing or refused checkpoint is skipped with a
+        warning, falling back to the one before. A storage error that outlasts
+        the retry policy is raised on every rank instead (falling back would
+        silently lose the newer work). Ranks agree on the step;
+        :attr:`last_source` says where it came from.
         """
         self.wait()
         candidates = self._on_rank0(f"listing checkpoints at {self.url}", self.storage.committed_steps)
-        for step in reversed(candidates):
+        survey = self.local.survey() if self.local is not None else []
+        local_steps = {step for holding in survey for step in holding}
+        loaded = None
+        for step in sorted(set(candidates) | local_steps, reverse=True):
+            if step in local_steps and self._load_local(step, survey, state):
+                loaded = step
+                break
+            if step not in candidates:
+                continue
+            if step in local_steps and self.rank == 0:
+                logger.warning("step %d: local tier unusable, loading it from the cloud tier at %s", step, self.url)
             try:
                 self._load_step(step, state)
-                return step
+                loaded = step
+                break
             except _Unusable as exc:
                 logger.warning("checkpoint step %d at %s is unusable, falling back to an older one: %s", step, self.url, exc)
-        return None
+        if self.local is not None:
+            self.local.drop_newer_than(loaded)
+        return loaded
 
-    def _load_step(self, step: int, state: MutableMapping[str, Any]) -> None:
-        what = f"loading checkpoint step {step} from {self.url}"
-        record, error = None, None
+    def _load_local(self, step: int, survey: list, state: MutableMapping[str, Any]) -> bool:
+        """Load ``step`` from the local tier if it covers every rank. Collective."""
+        assert self.local is not None
+
+        def needed(rank: int, saved_world: int, world: int) -> list[int]:
+            return saved_ranks_to_read(rank, world, saved_world) or [structure_rank(rank, world, saved_world)]
+
+        found = self.local.load(step, survey, needed)
+        if found is None:
+            return False
+        plan, files = found
+
+        def fetch(saved_rank: int) -> dict[str, Any]:
+            try:
+                return deserialize(files[saved_rank])
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is a refusal
+                raise _Unusable(f"local copy of saved rank {saved_rank} was refused by the safe loader: {exc}") from exc
+
         try:
-            record = self.commit_record(step)
-        except Exception as exc:  # noqa: BLE001 - agreed below
-            error = exc
-        self._agree(error, what)
+            self._load_step(step, state, record=plan.record, fetch=fetch, source=plan.source)
+        except _Unusable as exc:
+            logger.warning("local checkpoint step %d unusable: %s", step, exc)
+            return False
+        return True
+
+    def _load_step(
+        self,
+        step: int,
+        state: MutableMapping[str, Any],
+        *,
+        record: CommitRecord | None = None,
+        fetch: Callable[[int], dict[str, Any]] | None = None,
+        source: str = "cloud",
+    ) -> None:
+        """Load ``step``: from the cloud tier, or from ``record`` with ``fetch(saved_rank)`` (the local tier)."""
+        where = self.url if source == "cloud" else self.local.url if self.local is not None else "?"
+        what = f"loading checkpoint step {step} from {where}"
+        if record is None:
+            error = None
+            try:
+                record = self.commit_record(step)
+            except Exception as exc:  # noqa: BLE001 - agreed below
+                error = exc
+            self._agree(error, what)
         assert record is not None
+        fetch_file = fetch or (lambda saved_rank: self._fetch(record, saved_rank))
         if record.world_size == self.world_size:
             payload, error = None, None
             try:
-                payload = self._fetch(record, self.rank)
+                payload = fetch_file(self.rank)
             except Exception as exc:  # noqa: BLE001 - agreed below
                 error = exc
             self._agree(error, what)
             restore(state, payload, restore_rng=True)
         else:
-            restore(state, self._mean_of_replicas(record, what), restore_rng=False)
+            restore(state, self._mean_of_replicas(record, what, fetch_file), restore_rng=False)
         self.last_loaded = record
+        self.last_source = source
         self._previous = step
         if self.rank == 0:
             logger.info(
-                "loaded checkpoint step %d from %s (world size %d -> %d%s)",
+                "loaded checkpoint step %d (source: %s) from %s (world size %d -> %d%s)",
                 record.step,
-                self.url,
+                source,
+                where,
                 record.world_size,
                 self.world_size,
                 "" if record.world_size == self.world_size else "; every rank got the mean of the saved replicas, RNG not restored",
             )
 
-    def _mean_of_replicas(self, record: CommitRecord, what: str) -> dict[str, Any]:
+    def _mean_of_replicas(self, record: CommitRecord, what: str, fetch: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
         """Collective: the mean of every saved replica's floating state, identical on every rank.
 
         Each rank reads its share of the saved files, sums their floating
@@ -393,7 +526,7 @@ class CheckpointManager:
         total = None
         try:
             for saved_rank in share or [structure_rank(self.rank, self.world_size, record.world_size)]:
-                payload = self._fetch(record, saved_rank)
+                payload = fetch(saved_rank)
                 payload.pop(RNG_KEY, None)
                 part = replicas.split(payload)
                 del payload

@@ -1,0 +1,108 @@
+"""The node-local tier under real torchrun agents: a killed worker, a lost node, a node joining.
+
+The two "nodes" here are two agents on 127.0.0.1 sharing one filesystem, so
+each agent gets its own ``--local-checkpoint-url`` folder (in Kubernetes each
+pod's ``emptyDir`` is separate by itself).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.distributed import free_port
+from tests.test_elastic_torchrun import _run_to_done, _single_node, _wait_port
+from tests.torchrun_job import FAST_RDZV, Agent
+
+pytestmark = pytest.mark.torchrun
+
+LOCAL_EVERY = 5
+
+
+def _just_after_a_local_commit(event: dict) -> bool:
+    """A step 1 or 2 past a local save that every node has committed (``local_committed``):
+    a kill now must lose only the steps since that save."""
+    step = event.get("step", 0)
+    return event["event"] == "progress" and step >= 31 and step % LOCAL_EVERY in (1, 2) and event["local_committed"] == step - step % LOCAL_EVERY
+
+
+def _reached_before(agent: Agent, t: float) -> int:
+    return max((e["step"] for e in agent.snapshot() if e["event"] == "progress" and e["_t"] <= t), default=0)
+
+
+def test_killed_worker_resumes_from_the_local_tier_bit_identical(tmp_path):
+    train = [
+        "--steps", "45", "--checkpoint-every", "50", "--local-checkpoint-every", str(LOCAL_EVERY), "--warmup-steps", "10",
+        "--hierarchy", "2:2,4:world", "--log-every", "1", "--step-delay", "0.05", "--collective-timeout", "20",
+    ]
+    reference = Agent(_single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "ref"), "--local-checkpoint-url", str(tmp_path / "ref-local")], tmp_path, "reference")
+    expected = _run_to_done(reference)
+
+    args = [*train, "--checkpoint-url", str(tmp_path / "run"), "--local-checkpoint-url", str(tmp_path / "run-local")]
+    agent = Agent(_single_node(free_port()), args, tmp_path, "killed")
+    try:
+        # Before the first cloud checkpoint (50): only the local tier can give the resumed step.
+        agent.wait_for(_just_after_a_local_commit, 120, "a step just after a committed local save")
+        victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        resumed = agent.wait_for(lambda e: e["event"] == "resumed", 120, "resumed line")
+        done = _run_to_done(agent)
+    finally:
+        agent.stop()
+    reached = _reached_before(agent, killed_at)
+    assert resumed["source"] == "local" and resumed["world_size"] == resumed["previous_world_size"] == 4, resumed
+    assert 0 <= reached - resumed["step"] <= LOCAL_EVERY, (reached, resumed)
+    assert done["step"] == 45
+    assert done["params_sha256"] == expected["params_sha256"]
+
+
+def test_lost_node_resumes_from_buddy_copies_and_a_new_node_grows_back_from_the_local_tier(tmp_path):
+    port = free_port()
+    steps = 400  # long enough that the world of 2 is still training when the new node has started
+
+    def args(node: str) -> list[str]:
+        return [
+            "--steps", str(steps), "--checkpoint-every", "50", "--local-checkpoint-every", str(LOCAL_EVERY),
+            "--warmup-steps", "10", "--hierarchy", "2:local,8:world", "--log-every", "1", "--step-delay", "0.04",
+            "--collective-timeout", "15", "--checkpoint-url", str(tmp_path / "cloud"),
+            "--local-checkpoint-url", str(tmp_path / f"local-{node}"),
+        ]
+
+    torchrun = [
+        "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=local-tier", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
+    ]
+    host = Agent(torchrun, args("host"), tmp_path, "host")
+    agents = [host]
+    try:
+        _wait_port(port, host)
+        leaving = Agent(torchrun, args("leaving"), tmp_path, "leaving")
+        agents.append(leaving)
+        host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 60, "world of 4")
+        host.wait_for(_just_after_a_local_commit, 120, "a step just after a committed local save")
+        leaving.kill()
+        killed_at = time.monotonic()
+        shrunk = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 2, 120, "world of 2")
+        reached = _reached_before(host, killed_at)
+        host.wait_for(lambda e: e["event"] == "local_checkpoint" and (e["committed"] or 0) > shrunk["step"], 90, "a local checkpoint at world 2")
+        joining = Agent(torchrun, args("joining"), tmp_path, "joining")
+        agents.append(joining)
+        grown = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 4, 120, "world of 4 again")
+        done = host.wait_for(lambda e: e["event"] == "done" and e["_t"] > grown["_t"], 150, "done line")
+    finally:
+        for agent in agents:
+            agent.stop()
+
+    # Every rank of the world of 2 gets the mean of the 4 saved replicas: the survivors' own copies
+    # and the buddy copies they hold for the lost node; nothing comes from the cloud.
+    assert shrunk["previous_world_size"] == 4 and shrunk["source"] == "buddy", shrunk
+    assert 0 <= reached - shrunk["step"] <= LOCAL_EVERY, (reached, shrunk)
+    assert shrunk["step"] % 50 != 0  # a cloud checkpoint could not have given this step
+    # The joining node's folder is empty: its ranks' state is sent over from the survivors.
+    assert grown["previous_world_size"] == 2 and grown["source"] == "buddy", grown
+    assert grown["step"] % LOCAL_EVERY == 0 and grown["step"] > shrunk["step"]
+    assert done["step"] == steps and done["world_size"] == 4
