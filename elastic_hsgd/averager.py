@@ -9,19 +9,33 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
+from . import outer
 from .flat_params import FlatParameterBuffers, average_by_copy, params_to_average
 from .hierarchy import GroupSizeSpec, Level, contiguous_blocks, level_for_step, normalize_config, resolve_levels
+from .outer import OuterOptimizerFactory
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+
+
+@dataclass
+class AnchoredLevel:
+    """A level that keeps an anchor: one flat anchor per parameter buffer, and its outer optimizer."""
+
+    period: int
+    make_optimizer: OuterOptimizerFactory | None
+    comm_dtype: torch.dtype | None
+    anchors: list[torch.Tensor] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
 
 
 class HierarchicalModelAverager(ModelAverager):
@@ -45,7 +59,40 @@ class HierarchicalModelAverager(ModelAverager):
         warmup_steps: steps during which no averaging happens (the post-local-SGD
             hook all-reduces gradients instead).
         process_group: the overall group; ``None`` means the default group.
+        outer_optimizers: period -> callable taking a list of tensors and returning
+            a ``torch.optim.Optimizer``, e.g. ``{32: functools.partial(torch.optim.SGD,
+            lr=0.7, momentum=0.9, nesterov=True)}``; that level runs DiLoCo's outer step.
+        comm_dtypes: period -> dtype the level's pseudo-gradient travels in
+            (``torch.bfloat16`` or ``torch.float16``), summed in fp32.
         local_world_size: size used for ``"local"``; default ``LOCAL_WORLD_SIZE``.
+        anchor_device: where anchors and outer-optimizer state live, e.g. ``"cpu"``
+            to keep them in (pinned, when the parameters are on CUDA) host memory;
+            default: beside the parameters.
+
+    Anchored levels (hierarchical DiLoCo). A level with an outer optimizer or a
+    comm dtype keeps an **anchor**: the parameters as they were when its group was
+    last synchronized. Anchors start, at the first call at or after warmup, as the
+    mean of the parameters over the whole ``process_group`` (one extra all-reduce,
+    once), so they agree on every rank even without DDP. When anchored level L fires:
+
+    1. each rank computes ``delta = anchor_L - params``;
+    2. ``delta`` is averaged over L's group (sent in ``comm_dtypes[L]`` if given,
+       summed in fp32; see :mod:`elastic_hsgd.outer`);
+    3. with an outer optimizer, ``anchor_L.grad = mean delta; outer_L.step()``;
+       without, ``anchor_L -= mean delta``;
+    4. ``params := anchor_L``.
+
+    Whenever any level fires (anchored or not), every lower anchored level sets
+    its anchor to the new parameters: its groups are now synchronized too. A
+    level with neither option averages parameters exactly as torch does, with no
+    extra memory. ``outer_optimizers={L: partial(torch.optim.SGD, lr=1.0)}``
+    equals plain averaging. With one level, outer Nesterov SGD and one call to
+    :meth:`average_parameters` before the first optimizer step (which starts the
+    anchor at the initial parameters), the schedule and result are those of
+    torchft's ``DiLoCo(sync_every=period)``. Memory: one extra copy of the
+    parameters per anchored level, plus the outer optimizer's state and one
+    shared pseudo-gradient buffer (and, for a comm dtype, wire buffers of the
+    parameters' size in that dtype).
 
     Example::
 
@@ -62,6 +109,14 @@ class HierarchicalModelAverager(ModelAverager):
         ...     opt.step()
         ...     averager.average_parameters(model.parameters())
         >>> checkpoint = averager.state_dict()  # plain Python values
+        >>> # Hierarchical DiLoCo: plain averaging in the node, Nesterov outer steps
+        >>> # on bf16 pseudo-gradients across nodes.
+        >>> import functools
+        >>> diloco = HierarchicalModelAverager(
+        ...     {4: "local", 64: "world"},
+        ...     outer_optimizers={64: functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)},
+        ...     comm_dtypes={64: torch.bfloat16},
+        ... )
     """
 
     #: Elements per all_reduce on CPU; see :meth:`_average`.
@@ -73,10 +128,29 @@ class HierarchicalModelAverager(ModelAverager):
         warmup_steps: int = 0,
         process_group: dist.ProcessGroup | None = None,
         *,
+        outer_optimizers: Mapping[int, OuterOptimizerFactory] | None = None,
+        comm_dtypes: Mapping[int, torch.dtype] | None = None,
         local_world_size: int | None = None,
+        anchor_device: torch.device | str | None = None,
     ) -> None:
         super().__init__(process_group)
         self._config = normalize_config(period_group_size_dict)
+        factories, wire_dtypes = outer.check_level_options(
+            [period for period, _ in self._config], outer_optimizers, comm_dtypes
+        )
+        #: Levels keeping an anchor, lowest period first; empty: torch's averaging, nothing more.
+        self._anchored: list[AnchoredLevel] = [
+            AnchoredLevel(period, factories.get(period), wire_dtypes.get(period))
+            for period, _ in self._config
+            if period in factories or period in wire_dtypes
+        ]
+        self._anchor_device = torch.device(anchor_device) if anchor_device is not None else None
+        self._anchors_started = False
+        self._resync_anchors = False
+        self._pending_outer_state: dict[str, Any] | None = None
+        self._deltas: list[torch.Tensor] = []  # one per flat buffer, shared by all levels
+        self._host_grads: list[torch.Tensor] = []  # mean deltas on anchor_device, when it differs
+        self._wire: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(
                 f"warmup_steps {warmup_steps!r} must be a non-negative int (0 averages from step 0)."
@@ -96,6 +170,7 @@ class HierarchicalModelAverager(ModelAverager):
         self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
         self.rebuild(process_group)
+        self._resync_anchors = False
 
     @property
     def config(self) -> tuple[tuple[int, GroupSizeSpec], ...]:
@@ -115,6 +190,8 @@ class HierarchicalModelAverager(ModelAverager):
         (no rank hangs) if the hierarchy no longer fits the world.
         """
         self._destroy_owned_groups()
+        # Lower levels' groups change with the membership: re-agree on anchors at the next call.
+        self._resync_anchors = self._anchors_started
         overall = process_group if process_group is not None else dist.group.WORLD
         if overall is None:
             raise RuntimeError("torch.distributed is not initialised: call init_process_group() first.")
@@ -176,10 +253,39 @@ class HierarchicalModelAverager(ModelAverager):
     def average_parameters(self, params: Iterable[Any]) -> None:
         """Average ``model.parameters()`` or ``optimizer.param_groups`` if this step fires."""
         index = level_for_step(self.step, self.warmup_steps, self._periods)
-        if index is not None:
-            group = self.period_process_group_dict[self.levels[index].period]
-            self._average(params_to_average(params), group)
+        start_anchors = bool(self._anchored) and self.step >= self.warmup_steps and (
+            not self._anchors_started or self._resync_anchors or self._pending_outer_state is not None
+        )
+        if index is not None or start_anchors:
+            selected = params_to_average(params)
+            if start_anchors:
+                self._start_anchors(selected)
+            if index is not None:
+                self._sync_level(index, selected)
         self.step += 1
+
+    def _sync_level(self, index: int, params: list[torch.Tensor]) -> None:
+        period = self.levels[index].period
+        group = self.period_process_group_dict[period]
+        anchored = self._anchored_level(period)
+        if anchored is None:
+            self._average(params, group)
+        else:
+            self._outer_sync(anchored, params, group)
+        if self._anchors_started:
+            below = [lv for lv in self._anchored if lv.period < period]
+            if below:
+                buffers = self._flat_buffers(params)
+                with torch.no_grad():
+                    for lv in below:
+                        for anchor, flat in zip(lv.anchors, buffers):
+                            anchor.copy_(flat)
+
+    def _anchored_level(self, period: int) -> AnchoredLevel | None:
+        for lv in self._anchored:
+            if lv.period == period:
+                return lv
+        return None
 
     def _average(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
         if not params:
@@ -188,6 +294,10 @@ class HierarchicalModelAverager(ModelAverager):
         if buffers is None:
             average_by_copy(params, group)
             return
+        self._mean_in_place(buffers, group)
+
+    def _mean_in_place(self, buffers: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+        """Each buffer := its mean over ``group``, in the buffer's own dtype."""
         size = dist.get_world_size(group)
         pending = []
         with torch.no_grad():
@@ -208,9 +318,225 @@ class HierarchicalModelAverager(ModelAverager):
             for work in pending:
                 work.wait()
 
+    # -- anchored levels ---------------------------------------------------------------
+
+    def _flat_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        buffers = self._flat.buffers_for(params)
+        if buffers is None:
+            raise ValueError(
+                "outer_optimizers/comm_dtypes need parameters that can live in flat buffers (dense, "
+                "contiguous); got a sparse or non-contiguous parameter: make it contiguous, or "
+                "configure this hierarchy without outer optimizers and comm dtypes."
+            )
+        return buffers
+
+    def _start_anchors(self, params: list[torch.Tensor]) -> None:
+        """Anchors := mean of the parameters over the whole group (collective, once).
+
+        After a membership change (:meth:`rebuild`, or a checkpoint from another
+        world size) the existing anchors and outer-optimizer state are averaged
+        over the new world instead, so every rank agrees on them.
+        """
+        buffers = self._flat_buffers(params)
+        if not self._deltas:
+            self._allocate(buffers)
+        self._check_layout(buffers)
+        if self._pending_outer_state is not None:
+            self._apply_outer_state(self._pending_outer_state)
+            self._pending_outer_state = None
+        with torch.no_grad():
+            if not self._anchors_started:
+                for delta, flat in zip(self._deltas, buffers):
+                    delta.copy_(flat)
+                self._mean_in_place(self._deltas, self.process_group)
+                for lv in self._anchored:
+                    for anchor, mean in zip(lv.anchors, self._deltas):
+                        anchor.copy_(mean)
+            elif self._resync_anchors:
+                tensors = [a for lv in self._anchored for a in lv.anchors]
+                tensors += [t for lv in self._anchored for t in _optimizer_tensors(lv.optimizer)]
+                tensors = [t for t in tensors if t.is_floating_point()]
+                device = buffers[0].device if buffers else None
+                # Host-resident state (anchor_device="cpu") travels through the parameters'
+                # device, which the backend (NCCL) serves; only at a membership change.
+                staged = [t.to(device) if device is not None and t.device != device else t for t in tensors]
+                self._mean_in_place(staged, self.process_group)
+                for t, s in zip(tensors, staged):
+                    if s is not t:
+                        t.copy_(s)
+        self._anchors_started = True
+        self._resync_anchors = False
+
+    def _allocate(self, buffers: list[torch.Tensor]) -> None:
+        pin = self._anchor_device is not None and self._anchor_device.type == "cpu" and any(
+            b.device.type == "cuda" for b in buffers
+        )
+
+        def on_anchor_device(flat: torch.Tensor) -> torch.Tensor:
+            device = self._anchor_device or flat.device
+            return torch.zeros(flat.numel(), dtype=flat.dtype, device=device, pin_memory=pin and device.type == "cpu")
+
+        self._deltas = [torch.empty_like(b) for b in buffers]
+        self._host_grads = [
+            on_anchor_device(b) if self._anchor_device is not None and self._anchor_device != b.device else b[:0]
+            for b in buffers
+        ]
+        self._wire = {}
+        for lv in self._anchored:
+            lv.anchors = [on_anchor_device(b) for b in buffers]
+            lv.optimizer = lv.make_optimizer(list(lv.anchors)) if lv.make_optimizer is not None else None
+            if lv.optimizer is not None:
+                given = [p for g in lv.optimizer.param_groups for p in g["params"]]
+                if len(given) != len(lv.anchors) or any(p is not a for p, a in zip(given, lv.anchors)):
+                    raise ValueError(
+                        f"outer_optimizers[{lv.period}] returned an optimizer over other tensors than the "
+                        "anchors it was given: build it over exactly the list passed in."
+                    )
+
+    def _check_layout(self, buffers: list[torch.Tensor]) -> None:
+        have = [(d.numel(), d.dtype) for d in self._deltas]
+        got = [(b.numel(), b.dtype) for b in buffers]
+        if have != got:
+            raise ValueError(
+                f"the parameters being averaged form flat buffers of (elements, dtype) {got} but this "
+                f"averager's anchors were built for {have}: pass the same parameters on every call."
+            )
+
+    def _outer_sync(self, lv: AnchoredLevel, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+        buffers = self._flat_buffers(params)
+        self._check_layout(buffers)
+        with torch.no_grad():
+            grads = []
+            for anchor, flat, delta, host in zip(lv.anchors, buffers, self._deltas, self._host_grads):
+                same_device = anchor.device == flat.device
+                if not same_device:
+                    delta.copy_(anchor, non_blocking=True)
+                    outer.pseudo_gradient(delta, flat, out=delta)
+                if lv.comm_dtype is None:
+                    if same_device:
+                        outer.pseudo_gradient(anchor, flat, out=delta)
+                    self._mean_in_place([delta], group)
+                else:
+                    finish = lv.optimizer is None and same_device
+                    self._compressed_mean(anchor, flat, delta, lv.comm_dtype, group, same_device, finish)
+                    if finish:
+                        continue  # anchor -= mean delta and params := anchor already happened per chunk
+                if not same_device:
+                    host.copy_(delta)
+                    delta = host
+                grads.append((anchor, delta, flat))
+            if lv.optimizer is None:
+                for anchor, grad, _ in grads:
+                    outer.outer_update(anchor, grad, None)
+            else:
+                for anchor, grad, _ in grads:
+                    anchor.grad = grad
+                outer.outer_step(lv.optimizer, lv.anchors)
+            for anchor, _, flat in grads:
+                flat.copy_(anchor, non_blocking=anchor.device != flat.device)
+
+    def _compressed_mean(
+        self,
+        anchor: torch.Tensor,
+        flat: torch.Tensor,
+        delta: torch.Tensor,
+        wire_dtype: torch.dtype,
+        group: dist.ProcessGroup,
+        compute_delta: bool,
+        finish: bool,
+    ) -> None:
+        """``delta`` := the mean pseudo-gradient over ``group``, sent in ``wire_dtype``.
+
+        Chunk by chunk, so that on CPU the passes over memory of one chunk overlap
+        the transfers of the others: compute ``anchor - flat`` (if
+        ``compute_delta``) and cast it into the wire buffer before sending; after
+        receiving, cast back into ``delta`` and, if ``finish``, also do
+        ``anchor -= delta; flat := anchor``. Separate same-dtype passes and
+        casting copies: on CPU, elementwise ops that mix dtypes are several
+        times slower than both together.
+        """
+        buffers = self._wire_buffers(delta, wire_dtype, group)
+        wire, numel = buffers[0], delta.numel()
+
+        def produce(start: int, stop: int) -> None:
+            end = min(stop, numel)
+            if compute_delta:
+                outer.pseudo_gradient(anchor[start:end], flat[start:end], out=delta[start:end])
+            outer.encode(delta[start:end], wire[start:stop])
+
+        def consume(start: int, stop: int) -> None:
+            end = min(stop, numel)
+            outer.decode(wire[start:stop], delta[start:end])
+            if finish:
+                outer.outer_update(anchor[start:end], delta[start:end], None)
+                flat[start:end].copy_(anchor[start:end])
+
+        self._exchange_compressed(buffers, group, produce, consume)
+
+    def _wire_buffers(self, delta: torch.Tensor, wire_dtype: torch.dtype, group: dist.ProcessGroup) -> tuple[Any, ...]:
+        size = dist.get_world_size(group)
+        key = (delta.device, delta.numel(), wire_dtype, size)
+        if key not in self._wire:
+            padded, _ = outer.wire_layout(delta.numel(), size)
+            chunk = padded if delta.device.type == "cuda" else max(size, self.CPU_CHUNK_ELEMENTS // size * size)
+            self._wire[key] = (
+                torch.empty(padded, dtype=wire_dtype, device=delta.device),  # my delta, then the gathered mean
+                torch.empty(padded, dtype=wire_dtype, device=delta.device),  # everyone's slice of mine
+                torch.empty(padded, dtype=wire_dtype, device=delta.device),  # my slice of the mean, once per rank
+                torch.empty(min(chunk, padded) // size, dtype=torch.float32, device=delta.device),  # fp32 sum
+                torch.empty(min(chunk, padded) // size, dtype=torch.float32, device=delta.device),  # one row, fp32
+                torch.tensor(chunk),
+            )
+        return self._wire[key]
+
+    def _exchange_compressed(
+        self,
+        buffers: tuple[Any, ...],
+        group: dist.ProcessGroup,
+        produce: Callable[[int, int], None],
+        consume: Callable[[int, int], None],
+    ) -> None:
+        """Average the wire buffer over ``group`` in the wire dtype both ways, summed in fp32.
+
+        A reduce-scatter and an all-gather, each as one ``all_to_all`` (gloo's
+        all-gather is slower than its all-to-all), over chunks:
+        ``produce(start, stop)`` fills a chunk of the wire buffer just before it
+        is sent, and ``consume(start, stop)`` reads the chunk's mean as soon as
+        it is back, so the passes over memory overlap the transfers.
+        """
+        wire, received, mean_out, total, row, chunk_t = buffers
+        size = dist.get_world_size(group)
+        chunk = int(chunk_t)
+        bounds = [(start, min(start + chunk, wire.numel())) for start in range(0, wire.numel(), chunk)]
+        scatters = []
+        for start, stop in bounds:
+            produce(start, stop)
+            if wire.device.type == "cuda":
+                torch.cuda.synchronize(wire.device)
+            scatters.append(dist.all_to_all_single(received[start:stop], wire[start:stop], group=group, async_op=True))
+        gathers = []
+        for (start, stop), work in zip(bounds, scatters):
+            work.wait()
+            per_rank = (stop - start) // size
+            r, m = received[start:stop], mean_out[start:stop]
+            mine = m[:per_rank]
+            outer.reduce_slices(r, size, total[:per_rank], mine, row[:per_rank])
+            m.view(size, per_rank)[1:].copy_(mine.expand(size - 1, per_rank))
+            if wire.device.type == "cuda":
+                torch.cuda.synchronize(wire.device)
+            gathers.append(dist.all_to_all_single(wire[start:stop], m, group=group, async_op=True))
+        for (start, stop), work in zip(bounds, gathers):
+            work.wait()
+            consume(start, stop)
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python values: the step, warmup, the hierarchy configured and resolved."""
-        return {
+        """The step, warmup, the hierarchy configured and resolved: plain Python values.
+
+        With anchored levels, also ``"outer"``: each level's options, its anchors
+        (one flat tensor per parameter buffer) and its outer optimizer's
+        ``state_dict()``, tensors included (live references, as torch's do).
+        """
+        state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "step": self.step,
             "warmup_steps": self.warmup_steps,
@@ -218,6 +544,26 @@ class HierarchicalModelAverager(ModelAverager):
             "levels": [[lv.period, lv.group_size] for lv in self.levels],
             "world_size": self.world_size,
         }
+        if self._anchored:
+            state["outer"] = self._outer_state_dict()
+        return state
+
+    def _outer_options(self) -> list[list[Any]]:
+        return [
+            [lv.period, _dtype_name(lv.comm_dtype), lv.optimizer is not None or lv.make_optimizer is not None]
+            for lv in self._anchored
+        ]
+
+    def _outer_state_dict(self) -> dict[str, Any]:
+        if self._pending_outer_state is not None:
+            return self._pending_outer_state  # loaded, not yet applied: save it unchanged
+        state: dict[str, Any] = {"levels": self._outer_options(), "started": self._anchors_started}
+        if self._anchors_started:
+            state["anchors"] = {str(lv.period): list(lv.anchors) for lv in self._anchored}
+            state["optimizers"] = {
+                str(lv.period): lv.optimizer.state_dict() for lv in self._anchored if lv.optimizer is not None
+            }
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the step after checking the saved hierarchy matches this one.
@@ -259,4 +605,68 @@ class HierarchicalModelAverager(ModelAverager):
                 world_size,
                 [(lv.period, lv.group_size) for lv in self.levels],
             )
+        self._load_outer_state(state_dict.get("outer"), world_changed=saved_world != world_size)
         self.step = step
+
+    def _load_outer_state(self, saved: Mapping[str, Any] | None, world_changed: bool) -> None:
+        if saved is None and not self._anchored:
+            return
+        if saved is None or not self._anchored:
+            raise ValueError(
+                f"checkpoint has {'no ' if saved is None else ''}outer state (anchors / outer optimizers) but "
+                f"this averager has {'none' if not self._anchored else self._outer_options()}: configure "
+                "outer_optimizers and comm_dtypes as when the checkpoint was saved."
+            )
+        levels = [[int(p), d, bool(o)] for p, d, o in saved["levels"]]
+        if levels != self._outer_options():
+            raise ValueError(
+                f"checkpoint's anchored levels [period, comm dtype, outer optimizer] are {levels} but this "
+                f"averager has {self._outer_options()}: configure outer_optimizers and comm_dtypes as when "
+                "the checkpoint was saved."
+            )
+        if not saved["started"]:
+            self._pending_outer_state = None
+            self._anchors_started = False
+            return
+        for lv in self._anchored:
+            anchors = saved["anchors"][str(lv.period)]
+            if not all(isinstance(a, torch.Tensor) and a.dim() == 1 for a in anchors):
+                raise ValueError(f"checkpoint's anchors for period {lv.period} are not flat tensors.")
+        self._pending_outer_state = dict(saved)
+        self._anchors_started = True
+        self._resync_anchors = world_changed
+        if self._deltas:  # already running: anchors exist, apply (and check) now
+            self._apply_outer_state(self._pending_outer_state)
+            self._pending_outer_state = None
+
+    def _apply_outer_state(self, saved: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for lv in self._anchored:
+                expected = [(a.numel(), a.dtype) for a in lv.anchors]
+                anchors = saved["anchors"][str(lv.period)]
+                got = [(a.numel(), a.dtype) for a in anchors]
+                if got != expected:
+                    raise ValueError(
+                        f"checkpoint's anchors for period {lv.period} have (elements, dtype) {got} but the "
+                        f"parameters being averaged have {expected}: resume with the same model and "
+                        "parameter set as the checkpoint."
+                    )
+                for anchor, value in zip(lv.anchors, anchors):
+                    anchor.copy_(value)
+                if lv.optimizer is not None:
+                    lv.optimizer.load_state_dict(saved["optimizers"][str(lv.period)])
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _all_gather_single(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
