@@ -71,6 +71,43 @@ def checkpoint_manager(args: argparse.Namespace) -> CheckpointManager:
     )
 
 
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_outer_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for hierarchical DiLoCo: outer optimizers and a compressed top level."""
+    diloco = p.add_argument_group("hierarchical DiLoCo (outer optimizers on averaging levels)")
+    diloco.add_argument(
+        "--outer-levels", choices=("none", "top", "all"), default="none",
+        help="levels whose sync is an outer Nesterov SGD step on the averaged pseudo-gradient instead of "
+        "plain parameter averaging: none (default, torch's averaging), the top level only, or every level",
+    )
+    diloco.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (DiLoCo: 0.7)")
+    diloco.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD Nesterov momentum (DiLoCo: 0.9)")
+    diloco.add_argument(
+        "--comm-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+        help="dtype the top level sends its pseudo-gradient in (summed in fp32); bf16/fp16 halve its bytes",
+    )
+    diloco.add_argument(
+        "--anchor-device", default=None,
+        help="where anchors and outer-optimizer state live, e.g. 'cpu' to keep them in pinned host memory on GPU jobs",
+    )
+
+
+def averager_options(args: argparse.Namespace, periods: list[int]) -> dict[str, Any]:
+    """``outer_optimizers`` / ``comm_dtypes`` / ``anchor_device`` for the averager from those flags."""
+    import functools
+
+    top = max(periods)
+    outer_periods = {"none": [], "top": [top], "all": periods}[args.outer_levels]
+    nesterov = functools.partial(torch.optim.SGD, lr=args.outer_lr, momentum=args.outer_momentum, nesterov=True)
+    return {
+        "outer_optimizers": {period: nesterov for period in outer_periods},
+        "comm_dtypes": {top: WIRE_DTYPES[args.comm_dtype]} if args.comm_dtype in WIRE_DTYPES else {},
+        "anchor_device": args.anchor_device,
+    }
+
+
 def batch_indices(seed: int, step: int, rank: int, world_size: int, batch_size: int, n: int) -> torch.Tensor:
     """Indices in ``range(n)`` for this rank's batch: a function of (seed, step, rank, world) alone,
     so a resumed run sees the same batches."""

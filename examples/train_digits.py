@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import add_job_arguments, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
+from common import add_job_arguments, add_outer_arguments, averager_options, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
 from elastic_hsgd import HierarchicalModelAverager
 from elastic_hsgd.elastic import attach_post_local_sgd, resume
 
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(p, checkpoint_url="checkpoints/digits", steps=300, batch_size=32, lr=0.05)
     p.add_argument("--hidden", type=int, default=128)
+    add_outer_arguments(p)
     return p.parse_args(argv)
 
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
-    averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
+    hierarchy = parse_hierarchy(args.hierarchy)
+    averager = HierarchicalModelAverager(hierarchy, warmup_steps=args.warmup_steps, **averager_options(args, list(hierarchy)))
     hook = attach_post_local_sgd(ddp, averager)
     manager = checkpoint_manager(args)
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}

@@ -36,11 +36,21 @@ def _run_to_done(agent: Agent, deadline_s: float = 150) -> dict:
 TRAIN = ["--steps", "120", "--checkpoint-every", "20", "--warmup-steps", "10", "--hierarchy", "2:2,4:world", "--step-delay", "0.02", "--collective-timeout", "20"]
 
 
-def test_killed_worker_resumes_to_a_bit_identical_result(tmp_path):
-    reference = Agent(_single_node(free_port()), [*TRAIN, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference")
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param([], id="plain-averaging"),
+        # Hierarchical DiLoCo: Nesterov outer steps on every level, bf16 pseudo-gradients on top;
+        # anchors and momentum must come back from the checkpoint exactly.
+        pytest.param(["--outer-levels", "all", "--comm-dtype", "bf16", "--outer-lr", "0.7"], id="outer-optimizers"),
+    ],
+)
+def test_killed_worker_resumes_to_a_bit_identical_result(tmp_path, options):
+    train = [*TRAIN, *options]
+    reference = Agent(_single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference")
     expected = _run_to_done(reference)
 
-    agent = Agent(_single_node(free_port()), [*TRAIN, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed")
+    agent = Agent(_single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed")
     try:
         agent.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 20, 90, "first checkpoint")
         victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
