@@ -9,7 +9,12 @@ interleaved in one run:
 (a) ``dist.all_reduce`` of one pre-flattened buffer of the same bytes over the
     same group: the floor;
 (b) torch's ``HierarchicalModelAverager.average_parameters``;
-(c) ``elastic_hsgd.HierarchicalModelAverager.average_parameters``.
+(c) ``elastic_hsgd.HierarchicalModelAverager.average_parameters``;
+
+and, for anchored global levels (no torch counterpart, so no (b)): a bf16
+level (pseudo-gradient sent as bf16 both ways, summed in fp32; goal c/a <= 0.6;
+its (b) column is its two bf16 all_to_alls alone, without casts or sums), an fp32
+level with an outer Nesterov step, and both.
 
 Prints median milliseconds per call and the ratios c/a and c/b.
 """
@@ -17,6 +22,7 @@ Prints median milliseconds per call and the ratios c/a and c/b.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -53,51 +59,76 @@ def time_call(fn, group) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def storage_pointers(model: torch.nn.Module, averager: HierarchicalModelAverager) -> list[int]:
+    """Where the parameters and every buffer the averager keeps live (anchors, deltas, wire)."""
+    tensors = list(model.parameters()) + list(averager._deltas)
+    tensors += [a for lv in averager._anchored for a in lv.anchors]
+    tensors += [t for lv in averager._anchored if lv.optimizer for s in lv.optimizer.state.values() for t in s.values()]
+    tensors += [t for wire in averager._wire.values() for t in wire]
+    return [t.data_ptr() for t in tensors]
+
+
 def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
     )
     sub = world_size // 2
+    nesterov = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
     cases = {
         # Period 1 at the top: every call is a global step.
-        "global step": OrderedDict([(1, world_size)]),
+        "global step": (OrderedDict([(1, world_size)]), {}),
         # Period 1 below a top level that never fires after step 0: every later call is a subgroup step.
-        "subgroup step": OrderedDict([(1, sub), (10**9, world_size)]),
+        "subgroup step": (OrderedDict([(1, sub), (10**9, world_size)]), {}),
+        # Anchored global levels: bf16 pseudo-gradient, outer Nesterov step, both.
+        "bf16 level": (OrderedDict([(1, world_size)]), {"comm_dtypes": {1: torch.bfloat16}}),
+        "outer step": (OrderedDict([(1, world_size)]), {"outer_optimizers": {1: nesterov}}),
+        "outer + bf16": (OrderedDict([(1, world_size)]), {"outer_optimizers": {1: nesterov}, "comm_dtypes": {1: torch.bfloat16}}),
     }
     results = {}
-    for name, hierarchy in cases.items():
+    for name, (hierarchy, options) in cases.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            theirs = TorchAverager(hierarchy, warmup_steps=0)
-            ours = HierarchicalModelAverager(hierarchy, warmup_steps=0)
-        theirs.step = ours.step = 1  # skip step 0, which the top level would take
+            theirs = TorchAverager(hierarchy, warmup_steps=0) if not options else None
+            ours = HierarchicalModelAverager(hierarchy, warmup_steps=0, **options)
+        ours.step = 1  # skip step 0, which the top level would take
         group = ours.period_process_group_dict[1]
-        model_theirs, model_ours = make_model(args.params), make_model(args.params)
+        model_ours = make_model(args.params)
         n = sum(p.numel() for p in model_ours.parameters())
         floor_buffer = torch.randn(n) * 0.03
         timings: dict[str, list[float]] = {"a": [], "b": [], "c": []}
         calls = {
             "a": lambda: dist.all_reduce(floor_buffer, group=group),
-            "b": lambda: theirs.average_parameters(model_theirs.parameters()),
             "c": lambda: ours.average_parameters(model_ours.parameters()),
         }
-        for fn in calls.values():  # first calls: connections, our one-time flattening
+        if "comm_dtypes" in options and "outer_optimizers" not in options:
+            # The bf16 level's transfers alone (two all_to_alls of half the bytes, no casts or sums):
+            # separates what the wire costs from what the extra passes over memory cost.
+            wire_out, wire_in = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+            calls["b"] = lambda: (dist.all_to_all_single(wire_in, wire_out, group=group), dist.all_to_all_single(wire_out, wire_in, group=group))
+        if theirs is not None:
+            theirs.step = 1
+            model_theirs = make_model(args.params)
+            calls["b"] = lambda: theirs.average_parameters(model_theirs.parameters())
+        for fn in calls.values():  # first calls: connections, our one-time flattening and anchor start
             fn()
-        pointers = [p.data_ptr() for p in model_ours.parameters()]
+        pointers = storage_pointers(model_ours, ours)
         for _ in range(args.iters):
             for key, fn in calls.items():
                 timings[key].append(time_call(fn, dist.group.WORLD))
-        # No per-call allocation: after the first call the parameters stay where they are.
-        same_storage = pointers == [p.data_ptr() for p in model_ours.parameters()]
-        results[name] = ({k: statistics.median(v) for k, v in timings.items()}, n, same_storage)
+        # No per-call allocation: after the first call parameters and the averager's buffers stay put.
+        same_storage = pointers == storage_pointers(model_ours, ours)
+        results[name] = ({k: statistics.median(v) if v else float("nan") for k, v in timings.items()}, n, same_storage)
+        del model_ours, ours, theirs, calls
     if rank == 0:
         print(f"world size {world_size}, gloo on CPU, {args.iters} interleaved calls each, median ms per call")
         print(f"{'step':<15}{'params':>12}{'(a) floor':>12}{'(b) torch':>12}{'(c) ours':>12}{'c/a':>8}{'c/b':>8}")
         for name, (m, n, _) in results.items():
             print(f"{name:<15}{n:>12,}{m['a']:>12.2f}{m['b']:>12.2f}{m['c']:>12.2f}{m['c'] / m['a']:>8.2f}{m['c'] / m['b']:>8.2f}")
+        m = results["bf16 level"][0]
+        print(f"bf16 level: its two bf16 all_to_alls alone take {m['b']:.2f} ms = {m['b'] / m['a']:.2f}x (a) (shown as (b) in its row)")
         reused = all(same for _, _, same in results.values())
-        print(f"(c) kept every parameter in the same flat-buffer storage across all timed calls: {reused}")
+        print(f"(c) kept parameters, anchors, outer state and wire buffers in the same storage across all timed calls: {reused}")
     dist.destroy_process_group()
 
 

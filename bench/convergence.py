@@ -12,7 +12,12 @@ schedule and number of steps for:
 (c) elastic_hsgd's averager, two levels {2: 2, 16: world};
 (d) elastic_hsgd's averager, three levels: {2: 2, 16: 4, 32: 4} at 4 workers (where
     a third level can only repeat a group size, as in torch's own tests), and
-    {2: 2, 8: 4, 32: world} with ``--world-size 8``.
+    {2: 2, 8: 4, 32: world} with ``--world-size 8``;
+(e)-(h) hierarchical DiLoCo {2:2, 64:world} (top period 4x (c)'s): outer Nesterov SGD (lr 0.7,
+    momentum 0.9) on the top level or on both, each with and without bf16 on the top level;
+(i) torchft's ``DiLoCo`` every 64 steps (same outer optimizer, no warmup), each worker its own
+    replica group under torchft's real lighthouse and Manager (``bench/torchft_peer.py``);
+(j), (k) (f) and (h) with a milder outer optimizer (lr 1.0, momentum 0.5).
 
 ``--task lm``: 8 workers by default, ``examples/train_lm.py``'s byte-level GPT (0.25 M
 parameters by default, to fit a 2-core machine; ``--width``/``--layers`` for more) on the installed standard library's Python source, validation loss in nats per
@@ -51,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from elastic_hsgd import HierarchicalModelAverager  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
 from elastic_hsgd.elastic import attach_post_local_sgd  # noqa: E402
@@ -88,6 +94,35 @@ def digits_rows(world: int) -> list[Row]:
         Row("(b) post-local SGD, period 8", "periodic", period=8),
         Row("(c) hierarchical {2:2, 16:world}", "hierarchical", hierarchy={2: 2, 16: "world"}),
         Row(f"(d) hierarchical {hierarchy_name(three)}", "hierarchical", hierarchy=three),
+        *diloco_rows(),
+    ]
+
+
+DILOCO_TOP = 64  # 4x the top period of digits' (c)
+
+
+def outer_kwargs(outer_periods: list[int], bf16: bool, lr: float = 0.7, momentum: float = 0.9) -> Callable[[list], dict]:
+    """Averager arguments for hierarchical DiLoCo: outer Nesterov SGD on ``outer_periods``."""
+    import functools
+
+    nesterov = functools.partial(torch.optim.SGD, lr=lr, momentum=momentum, nesterov=True)
+    wire = {DILOCO_TOP: torch.bfloat16} if bf16 else {}
+    return lambda params: {"outer_optimizers": {p: nesterov for p in outer_periods}, "comm_dtypes": wire}
+
+
+def diloco_rows() -> list[Row]:
+    """Hierarchical DiLoCo at a top period 4x (c)'s, and torchft's DiLoCo as a peer."""
+    h, top, both = {2: 2, DILOCO_TOP: "world"}, [DILOCO_TOP], [2, DILOCO_TOP]
+    name = f"{{2:2, {DILOCO_TOP}:world}}"
+    return [
+        Row(f"(e) DiLoCo top {name}", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(top, False)),
+        Row(f"(f) DiLoCo top {name}, bf16", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(top, True)),
+        Row(f"(g) DiLoCo every level {name}", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(both, False)),
+        Row(f"(h) DiLoCo every level {name}, bf16", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(both, True)),
+        Row(f"(i) torchft DiLoCo, every {DILOCO_TOP}", "torchft", period=DILOCO_TOP),
+        # A milder outer optimizer, found by a 4-setting sweep on seeds 0-1.
+        Row(f"(j) DiLoCo top {name}, bf16, outer lr 1.0 m 0.5", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(top, True, 1.0, 0.5)),
+        Row(f"(k) DiLoCo every level {name}, bf16, outer lr 1.0 m 0.5", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(both, True, 1.0, 0.5)),
     ]
 
 
@@ -126,7 +161,19 @@ class TrafficCounter:
                 counter.subgroup_bytes += nbytes
             return counter._original(tensor, op=op, group=group, async_op=async_op)
 
+        def counting_all_to_all_single(output, input, *args, group=None, **kwargs):
+            # Our compressed level: a reduce-scatter and an all-gather of the payload, half each.
+            nbytes = input.numel() * input.element_size() // 2
+            size = dist.get_world_size(group) if group is not None else dist.get_world_size()
+            if size == dist.get_world_size():
+                counter.global_bytes += nbytes
+            else:
+                counter.subgroup_bytes += nbytes
+            return original_all_to_all(output, input, *args, group=group, **kwargs)
+
+        original_all_to_all = dist.all_to_all_single
         dist.all_reduce = counting_all_reduce
+        dist.all_to_all_single = counting_all_to_all_single
 
     def reset(self) -> None:
         self.global_bytes = self.subgroup_bytes = 0
@@ -232,7 +279,35 @@ def hook_subgroup(size: int) -> dist.ProcessGroup:
     return _SUBGROUPS[size]
 
 
+def run_torchft(task, row: Row, seed: int, args: argparse.Namespace, rank: int, world: int) -> dict:
+    """torchft's DiLoCo (every ``row.period`` steps, outer Nesterov lr 0.7 m 0.9, no warmup) on the same task."""
+    from torchft_peer import torchft_diloco
+
+    model = task.model(seed)
+    optimizer = task.optimizer(model.parameters())
+    clip = getattr(task, "clip", None)
+    curve = []
+    start = time.perf_counter()
+    with torchft_diloco(args.lighthouse, f"bench_{rank}_seed{seed}", model, optimizer, row.period, min_replicas=world) as peer:
+        for step in range(args.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = task.lr(step)
+            optimizer.zero_grad(set_to_none=True)
+            task.loss(model, seed, step, rank, world).backward()
+            if clip is not None:
+                clip(model)
+            optimizer.step()  # DiLoCo syncs inside, every row.period steps
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                curve.append((step + 1, peer.allreduce_bytes, task.evaluate(model) if rank == 0 else float("nan")))
+        syncs = peer.manager_steps
+    assert syncs == args.steps // row.period, f"torchft committed {syncs} outer steps, expected {args.steps // row.period}"
+    wall = time.perf_counter() - start
+    return {"name": row.name, "seed": seed, "metric": curve[-1][2], "global_bytes": curve[-1][1], "subgroup_bytes": 0, "wall_s": wall, "curve": curve}
+
+
 def run_one(task, row: Row, seed: int, args: argparse.Namespace, counter: TrafficCounter, rank: int, world: int) -> dict:
+    if row.kind == "torchft":
+        return run_torchft(task, row, seed, args, rank, world)
     model = task.model(seed)
     ddp = DistributedDataParallel(model)
     optimizer = task.optimizer(ddp.parameters())
@@ -411,6 +486,12 @@ def main() -> None:
     if not args.summarize_only:
         if not args.resume:
             runs_path.unlink(missing_ok=True)
+        lighthouse = None
+        if any(row.kind == "torchft" and not row.pending for row in selected_rows(args, args.world_size)):
+            from torchft_peer import start_lighthouse
+
+            lighthouse = start_lighthouse(min_replicas=args.world_size)  # torchft's real lighthouse
+            args.lighthouse = lighthouse.address()
         port = free_port()
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=worker, args=(rank, args.world_size, port, args, runs_path)) for rank in range(args.world_size)]
@@ -418,6 +499,8 @@ def main() -> None:
             p.start()
         for p in procs:
             p.join()
+        if lighthouse is not None:
+            lighthouse.shutdown()
         if any(p.exitcode for p in procs):
             raise SystemExit(f"a worker failed (exit codes {[p.exitcode for p in procs]}); finished runs are in {runs_path}, rerun with --resume")
     runs = [r for r in load_runs(runs_path) if r["seed"] in args.seeds]

@@ -9,6 +9,8 @@
    parameters with their rank, and after a global step every parameter must
    equal the mean (1.5); cost against a bare gloo all_reduce of the same bytes.
 
+Each for plain averaging, a bf16 level, and a bf16 level with an outer
+Nesterov step and anchors in pinned host memory (``anchor_device="cpu"``).
 Prints median ms per call and the ratio ours / bare. Exits 0 with a message
 where CUDA is absent.
 """
@@ -16,6 +18,7 @@ where CUDA is absent.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -60,12 +63,24 @@ def compare(model, averager, iters: int) -> tuple[float, float]:
     return bare, ours
 
 
-def worker(rank: int, world: int, port: int, backend: str, args: argparse.Namespace, results) -> None:
+VARIANTS = {
+    "plain": {},
+    "bf16 level": {"comm_dtypes": {1: torch.bfloat16}},
+    "bf16 + outer Nesterov, anchors on host": {
+        "comm_dtypes": {1: torch.bfloat16},
+        "outer_optimizers": {1: functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)},
+        "anchor_device": "cpu",
+    },
+}
+
+
+def worker(rank: int, world: int, port: int, backend: str, variant: str, args: argparse.Namespace, results) -> None:
     try:
         torch.cuda.set_device(0)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
         model = make_model(args.params)
-        averager = HierarchicalModelAverager({1: "world"})
+        # The first call starts any anchors at the mean and syncs: values must be the mean either way.
+        averager = HierarchicalModelAverager({1: "world"}, **VARIANTS[variant])
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float(rank))
@@ -76,6 +91,7 @@ def worker(rank: int, world: int, port: int, backend: str, args: argparse.Namesp
         bare, ours = compare(model, averager, args.iters)
         if rank == 0:
             results.put((backend, world, ok, bare, ours, sum(p.numel() for p in model.parameters())))
+        dist.barrier()
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001
         results.put((backend, world, False, float("nan"), float("nan"), repr(exc)))
@@ -92,10 +108,10 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     ctx = mp.get_context("spawn")
     failed = False
-    for backend, world in (("nccl", 1), ("gloo", 4)):
+    for backend, world, variant in [(b, w, v) for b, w in (("nccl", 1), ("gloo", 4)) for v in VARIANTS]:
         results = ctx.Queue()
         port = free_port()
-        procs = [ctx.Process(target=worker, args=(r, world, port, backend, args, results)) for r in range(world)]
+        procs = [ctx.Process(target=worker, args=(r, world, port, backend, variant, args, results)) for r in range(world)]
         for p in procs:
             p.start()
         backend, world, ok, bare, ours, n = results.get(timeout=600)
@@ -103,7 +119,7 @@ def main() -> int:
             p.join(timeout=60)
         failed |= not ok
         print(
-            f"{backend} world {world}: values {'OK' if ok else 'WRONG'}, params {n:,}, "
+            f"{backend} world {world}, {variant}: values {'OK' if ok else 'WRONG'}, params {n:,}, "
             f"bare all_reduce {bare:.3f} ms, ours {ours:.3f} ms, ours/bare {ours / bare:.2f}"
         )
     return 1 if failed else 0
