@@ -10,18 +10,37 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
 from .flat_params import FlatParameterBuffers, average_by_copy, params_to_average
-from .hierarchy import GroupSizeSpec, Level, contiguous_blocks, level_for_step, normalize_config, resolve_levels
+from .hierarchy import (
+    GroupSizeSpec,
+    Level,
+    check_replicas_level,
+    contiguous_blocks,
+    level_for_step,
+    normalize_config,
+    resolve_levels,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+
+
+class TopLevel(Protocol):
+    """A top level that spans more than this process group (e.g. torchft replica groups).
+
+    The averager hands it the flat parameter buffers and its own group; it
+    averages them in place and says whether the result was committed (``False``:
+    the sync was discarded and the buffers are as they were).
+    """
+
+    def average(self, flats: list[torch.Tensor], group: dist.ProcessGroup, step: int) -> bool: ...
 
 
 class HierarchicalModelAverager(ModelAverager):
@@ -46,6 +65,8 @@ class HierarchicalModelAverager(ModelAverager):
             hook all-reduces gradients instead).
         process_group: the overall group; ``None`` means the default group.
         local_world_size: size used for ``"local"``; default ``LOCAL_WORLD_SIZE``.
+        top_level: averages the last level across replica groups; required
+            exactly when that level is ``"replicas"`` (see :mod:`elastic_hsgd.ft`).
 
     Example::
 
@@ -74,9 +95,14 @@ class HierarchicalModelAverager(ModelAverager):
         process_group: dist.ProcessGroup | None = None,
         *,
         local_world_size: int | None = None,
+        top_level: TopLevel | None = None,
     ) -> None:
+        config = normalize_config(period_group_size_dict)
+        # Same config on every rank, so every rank raises here, before any collective.
+        check_replicas_level(config, fault_tolerant=top_level is not None)
         super().__init__(process_group)
-        self._config = normalize_config(period_group_size_dict)
+        self._config = config
+        self.top_level = top_level
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(
                 f"warmup_steps {warmup_steps!r} must be a non-negative int (0 averages from step 0)."
@@ -178,8 +204,37 @@ class HierarchicalModelAverager(ModelAverager):
         index = level_for_step(self.step, self.warmup_steps, self._periods)
         if index is not None:
             group = self.period_process_group_dict[self.levels[index].period]
-            self._average(params_to_average(params), group)
+            if self.top_level is not None and index == len(self.levels) - 1:
+                self._average_top(params_to_average(params), group)
+            else:
+                self._average(params_to_average(params), group)
         self.step += 1
+
+    def sync_top_level(self, params: Iterable[Any]) -> bool:
+        """Run the top level's sync now, without stepping; ``True`` if committed.
+
+        Fault-tolerant jobs call it to join (or leave) at a sync every replica
+        group takes part in: at start, where a joining group heals, and at the end.
+        """
+        if self.top_level is None:
+            raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
+        return self._average_top(params_to_average(params), self.process_group)
+
+    def _average_top(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        assert self.top_level is not None
+        buffers = self._flat.buffers_for(params)
+        if buffers is not None:
+            return self.top_level.average(buffers, group, self.step)
+        # Parameters that cannot live in a flat buffer: average a flat copy.
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        committed = self.top_level.average([flat], group, self.step)
+        if committed:
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        return committed
 
     def _average(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
         if not params:

@@ -9,6 +9,15 @@ averaging; checkpoints every ``--checkpoint-every`` steps to ``--checkpoint-url`
 (any fsspec URL) and resumes from the newest one on every (re)start, at any
 world size. Rank 0 prints JSON lines: ``started``/``resumed``, ``progress``,
 ``checkpoint`` and finally ``done`` with a hash of the final parameters.
+
+Fault-tolerant replica groups (torchft) when ``TORCHFT_LIGHTHOUSE`` is set: start
+``torchft_lighthouse --min_replicas 1 --bind [::]:29510`` once, then one torchrun
+per replica group, each with its own rendezvous and ``--replica-group-id``
+(default: env ``REPLICA_GROUP_ID``), and a hierarchy whose top level is
+``replicas``, e.g. ``--hierarchy 2:local,8:world,32:replicas``. A group that
+(re)starts while others run heals from a live peer instead of reading the
+checkpoint; only the first group of the quorum writes checkpoints. Extra lines:
+``quorum`` (number of groups taking part changed) and ``healed``.
 """
 
 from __future__ import annotations
@@ -85,8 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     ).to(device)
     ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
-    # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
-    averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
+    fault_tolerant = lighthouse_from_env() is not None
+    top = None
+    if fault_tolerant:
+        from elastic_hsgd.ft.replicas import ReplicaGroups
+
+        args.replica_group_id = int(check_replica_group_id(args.replica_group_id))
+        top = ReplicaGroups()  # its torchft Manager comes below: it needs the state, which holds the averager
+    # Built for the current world: raises here, on every rank, if the hierarchy no longer fits
+    # (or, with replica groups, if its top level is not "replicas").
+    averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps, top_level=top)
     hook = attach_post_local_sgd(ddp, averager)
     manager = checkpoint_manager(args)
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
@@ -100,7 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     emit(
         info.rank, event="done", step=averager.step, world_size=info.world_size, loss=None if math.isnan(loss) else round(loss, 6),
         test_accuracy=round(accuracy, 4), params_sha256=params_sha256(model),
+        **({} if top is None else {
+            "replica_group": args.replica_group_id, "cross_group_bytes_per_sync": top.cross_group_bytes_last_sync, "model_bytes": top.model_bytes,
+        }),
     )
+    if top is not None:
+        top.manager.shutdown(wait=False)
     dist.destroy_process_group()
 
 
