@@ -215,10 +215,12 @@ class HierarchicalModelAverager(ModelAverager):
 
         Fault-tolerant jobs call it to join (or leave) at a sync every replica
         group takes part in: at start, where a joining group heals, and at the end.
+        It takes every parameter that requires a gradient (a joiner has none
+        yet), so every parameter must get one in training, as under DDP.
         """
         if self.top_level is None:
             raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
-        return self._average_top(params_to_average(params), self.process_group)
+        return self._average_top(params_to_average(params, with_grad_only=False), self.process_group)
 
     def _average_top(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
         assert self.top_level is not None
