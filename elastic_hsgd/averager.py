@@ -205,9 +205,12 @@ class HierarchicalModelAverager(ModelAverager):
         if index is not None:
             group = self.period_process_group_dict[self.levels[index].period]
             if self.top_level is not None and index == len(self.levels) - 1:
+                # Step first: a group that heals during this sync adopts this
+                # rank's state, which must already say where training resumes.
+                self.step += 1
                 self._average_top(params_to_average(params), group)
-            else:
-                self._average(params_to_average(params), group)
+                return
+            self._average(params_to_average(params), group)
         self.step += 1
 
     def sync_top_level(self, params: Iterable[Any]) -> bool:

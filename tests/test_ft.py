@@ -111,3 +111,12 @@ def test_malicious_pickle_heal_payload_is_refused(tmp_path):
     finally:
         server.shutdown()
         joiner.shutdown()
+
+
+def test_replica_group_id_must_be_a_non_negative_int():
+    from elastic_hsgd.ft.env import check_replica_group_id
+
+    assert check_replica_group_id("007") == "7"
+    for bad in (None, "", "a", "-1", "1.5"):
+        with pytest.raises(ValueError, match="--replica-group-id N or set REPLICA_GROUP_ID=N"):
+            check_replica_group_id(bad)

@@ -77,6 +77,7 @@ class ReplicaGroups:
         manager = self.manager
         if manager is None:
             raise RuntimeError("the replicas level has no torchft Manager yet: call elastic_hsgd.ft.make_manager first.")
+        self.transport.last_received = None
         manager.start_quorum()
         # Peers capture this rank's state for a joiner in the quorum thread:
         # let that finish before the buffers below change.
@@ -115,9 +116,9 @@ class ReplicaGroups:
                     flat.copy_(padded[: flat.numel()])
         else:
             logger.warning("top-level sync at step %d discarded (%s)", step, manager.errored())
-        if healing and committed:
-            received = self.transport.last_received
-            assert received is not None, "healed without a received payload"
+        received = self.transport.last_received
+        if healing and received is not None:
+            # should_commit loaded it, committed or not: this group now holds the peer's state.
             self.last_heal = Heal(received.source_replica_group, received.seconds + commit_seconds, received.bytes)
         return committed
 

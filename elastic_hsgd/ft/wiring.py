@@ -93,16 +93,15 @@ class Joined:
 def sync_until_committed(averager: Any, params: Iterable[Any], top: ReplicaGroups) -> Heal | None:
     """One top-level sync outside the step schedule, repeated until it commits.
 
-    Returns the heal it went through, if any. A heal adopts the state a peer
-    captured at its own sync, before that peer advanced its step past it, so
-    the step is advanced here likewise.
+    Returns the heal it went through, if any (the peer's state, step included:
+    the averager steps before a top-level sync, so a captured state always
+    says where training resumes).
     """
     params = list(params)
+    heal = None
     while True:
         committed = averager.sync_top_level(params)
-        heal = top.take_heal()
-        if heal is not None:
-            averager.step += 1
+        heal = top.take_heal() or heal
         if committed:
             return heal
         logger.warning("top-level sync outside the schedule was discarded; trying again")
