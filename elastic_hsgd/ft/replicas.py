@@ -65,7 +65,7 @@ class ReplicaGroups:
         self.commits = 0
         self.cross_group_bytes_last_sync = 0
         self.model_bytes = 0
-        self._quorum_id: int | None = None
+        self._members: tuple[int, ...] = ()
         self._participants: int | None = None
         self._events: list[dict[str, Any]] = []
         self.last_heal: Heal | None = None
@@ -83,9 +83,9 @@ class ReplicaGroups:
         # let that finish before the buffers below change.
         manager.wait_quorum()
         healing = bool(getattr(manager, "_healing", False))
-        self._note_quorum(step)
-
         size, rank = dist.get_world_size(group), dist.get_rank(group)
+        self._note_quorum(step, size)
+
         staged = []
         works = []
         cross_bytes = 0
@@ -122,13 +122,16 @@ class ReplicaGroups:
             self.last_heal = Heal(received.source_replica_group, received.seconds + commit_seconds, received.bytes)
         return committed
 
-    def _note_quorum(self, step: int) -> None:
-        quorum_id = getattr(self.manager, "_quorum_id", None)
+    def _note_quorum(self, step: int, group_size: int) -> None:
+        # torchft 0.2.0 keeps the quorum's members only as the global ranks it
+        # configured its process group with: replica id digits x group size + group rank.
+        ranks = getattr(getattr(self.manager, "_pg", None), "_global_ranks", None) or []
+        members = tuple(sorted({r // group_size for r in ranks}))
         participants = self.manager.num_participants()
-        if participants != self._participants:
+        if (members, participants) != (self._members, self._participants):
             self._events.append({"event": "quorum", "step": step, "replicas": participants})
-            logger.info("quorum %s at step %d: %d replica groups take part", quorum_id, step, participants)
-        self._quorum_id, self._participants = quorum_id, participants
+            logger.info("quorum at step %d: replica groups %s, %d taking part", step, list(members), participants)
+        self._members, self._participants = members, participants
 
     def take_events(self) -> list[dict[str, Any]]:
         """Events since the last call: ``quorum`` whenever the number of groups taking part changed."""
