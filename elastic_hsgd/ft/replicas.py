@@ -61,8 +61,6 @@ class ReplicaGroups:
     def __init__(self) -> None:
         self.manager: Any = None
         self.transport: Any = None
-        self.syncs = 0
-        self.commits = 0
         self.cross_group_bytes_last_sync = 0
         self.model_bytes = 0
         self._members: tuple[int, ...] = ()
@@ -105,11 +103,9 @@ class ReplicaGroups:
         commit_started = time.perf_counter()
         committed = bool(manager.should_commit())
         commit_seconds = time.perf_counter() - commit_started
-        self.syncs += 1
         self.cross_group_bytes_last_sync = cross_bytes
         self.model_bytes = sum(f.numel() * f.element_size() for f in flats)
         if committed:
-            self.commits += 1
             with torch.no_grad():
                 for flat, padded, shard in staged:
                     dist.all_gather_into_tensor(padded, shard, group=group)
