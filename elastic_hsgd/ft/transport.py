@@ -94,7 +94,7 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
                 logger.debug("heal server: " + format, *args)
 
-        self._server = ThreadingHTTPServer(("", port), Handler)
+        self._server = _QuietHTTPServer(("", port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="heal-http", daemon=True)
         self._thread.start()
@@ -150,6 +150,13 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
         self._server.server_close()
         if wait:
             self._thread.join()
+
+
+class _QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A joiner that gave up (timeout, its group restarted) closes the socket
+        # mid-reply; that is its business, not a traceback on stderr here.
+        logger.debug("heal request from %s ended early", client_address, exc_info=True)
 
 
 def _step_from_path(path: str) -> int:
