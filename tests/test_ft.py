@@ -58,7 +58,9 @@ def test_heal_payload_round_trips_a_training_state():
         fetch.join(10)
         payload = result["p"]
         assert torch.equal(payload["user"]["s"]["model"]["weight"], model.weight.detach())
-        assert payload["user"]["s"]["optimizer"]["state"][0]["momentum_buffer"].shape == (2, 3)
+        momentum = payload["user"]["s"]["optimizer"]["state"][0]["momentum_buffer"]
+        assert momentum.shape == (2, 3)
+        momentum.add_(1.0)  # writable: the optimizer keeps stepping these in place after a heal
         assert payload["user"]["s"]["averager"] == {"step": 7} and payload["torchft"] == {"step": 3}
         assert joiner.last_received.source_replica_group == "2" and joiner.last_received.bytes > 0
         sender.disallow_checkpoint()

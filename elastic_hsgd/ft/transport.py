@@ -133,7 +133,7 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
         started = time.perf_counter()
         with urllib.request.urlopen(url, timeout=timeout.total_seconds()) as response:
             source = response.headers.get(SOURCE_HEADER, "")
-            data = response.read()
+            data = _read_body(response, url)
         try:
             payload = deserialize(data)
         except ValueError as exc:
@@ -150,6 +150,24 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
         self._server.server_close()
         if wait:
             self._thread.join()
+
+
+def _read_body(response: Any, url: str) -> bytearray:
+    """The body into one writable buffer: decoded tensors are views of it, and
+    the optimizer's go on being written in place after the heal."""
+    try:
+        length = int(response.headers["Content-Length"])
+    except (TypeError, ValueError):
+        raise ValueError(f"heal reply from {url} has no valid Content-Length; refused.") from None
+    data = bytearray(length)
+    view = memoryview(data)
+    filled = 0
+    while filled < length:
+        got = response.readinto(view[filled:])
+        if not got:
+            raise ValueError(f"heal reply from {url} ended after {filled} of {length} bytes.")
+        filled += got
+    return data
 
 
 class _QuietHTTPServer(ThreadingHTTPServer):
