@@ -25,14 +25,29 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import add_job_arguments, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
+from common import (
+    add_job_arguments,
+    announce,
+    batch_indices,
+    checkpoint_manager,
+    emit,
+    emit_ft_events,
+    init_worker,
+    params_sha256,
+    parse_hierarchy,
+    progress_bar,
+    train_loop,
+)
 from elastic_hsgd import HierarchicalModelAverager
-from elastic_hsgd.elastic import attach_post_local_sgd, resume
+from elastic_hsgd.elastic import Resumed, attach_post_local_sgd, resume
+from elastic_hsgd.ft.env import check_replica_group_id, lighthouse_from_env
 
 log = logging.getLogger("train_digits")
 
@@ -43,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(p, checkpoint_url="checkpoints/digits", steps=300, batch_size=32, lr=0.05)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--replica-group-id", default=os.environ.get("REPLICA_GROUP_ID"), help="fault-tolerant mode: this replica group's id (default: env REPLICA_GROUP_ID)")
+    p.add_argument("--ft-timeout", type=float, default=10.0, help="fault-tolerant mode: seconds before a sync with a lost replica group fails")
     return p.parse_args(argv)
 
 
@@ -63,14 +80,17 @@ def test_accuracy(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Te
         return (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
 
 
-def train(args, info, device, ddp, state, manager, start_step, progress, data) -> float:
+def train(args, info, device, ddp, state, manager, start_step, progress, data, top=None) -> float:
     """Steps ``start_step .. args.steps - 1``; returns the last loss."""
     x_train, y_train, x_test, y_test = data
     model, optimizer = state["model"], state["optimizer"]
     loss_fn = torch.nn.CrossEntropyLoss()
 
+    # Replica groups are data parallel too: each draws its own batches.
+    data_seed = args.seed if top is None else args.seed + 7919 * args.replica_group_id
+
     def train_step(step: int) -> torch.Tensor:
-        idx = batch_indices(args.seed, step, info.rank, info.world_size, args.batch_size, len(x_train))
+        idx = batch_indices(data_seed, step, info.rank, info.world_size, args.batch_size, len(x_train))
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(ddp(x_train[idx].to(device)), y_train[idx].to(device))
         loss.backward()
@@ -80,7 +100,7 @@ def train(args, info, device, ddp, state, manager, start_step, progress, data) -
     def metrics() -> dict:
         return {"test_accuracy": round(test_accuracy(model, x_test, y_test, device), 4)}
 
-    return train_loop(args, info, state, manager, start_step, progress, train_step, metrics)
+    return train_loop(args, info, state, manager, start_step, progress, train_step, metrics, top)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,10 +127,27 @@ def main(argv: list[str] | None = None) -> None:
     hook = attach_post_local_sgd(ddp, averager)
     manager = checkpoint_manager(args)
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
-    resumed = resume(manager, state, averager)
-    announce(info, resumed, averager)
+    joined = None
+    if fault_tolerant:
+        from elastic_hsgd.ft.wiring import join, make_manager, sync_until_committed
+
+        make_manager(top, state, str(args.replica_group_id), timeout=timedelta(seconds=args.ft_timeout))
+        joined = join(averager, ddp.parameters(), top)
+        emit_ft_events(info, top, averager, args.replica_group_id, joined.heal)
+    if joined is not None and joined.heal is not None:
+        resumed = Resumed(joined.step, None, -1)  # healed from a peer (the "healed" line): the checkpoint is not read
+    else:
+        resumed = resume(manager, state, averager)
+        announce(info, resumed, averager)
     with progress_bar(info, args.steps, resumed.step) as progress:
-        loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test))
+        loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test), top)
+    if top is not None:
+        # End on a cross-group sync: every group that finishes holds the same parameters.
+        heal = sync_until_committed(averager, ddp.parameters(), top)
+        emit_ft_events(info, top, averager, args.replica_group_id, heal)
+        if top.is_checkpoint_writer():
+            manager.save(args.steps, state)
+            emit(info.rank, event="checkpoint", step=args.steps, world_size=info.world_size)
     manager.close()
 
     accuracy = test_accuracy(model, x_test, y_test, device)
