@@ -9,6 +9,15 @@ agents killed with its workers), each run once with cloud checkpoints only
 from the kill to the first training step after the resume, the training steps
 lost (the step rank 0 reached at the kill minus the step resumed from), and
 where the resumed state came from.
+
+    python bench/recovery.py --ft-only  # only the replica-group rows (needs torchft)
+
+With torchft installed, (3) three replica groups of 2 workers and a real
+lighthouse: one whole group SIGKILLed, then started again. Prints the
+survivors' stall (the longest gap between two of their steps in the 15 s after
+the kill, next to the longest gap before it), the steps they lost, the
+restarted group's heal (seconds and bytes, from its ``healed`` line), and the
+bytes each rank sends across groups per top-level sync next to the model bytes.
 """
 
 from __future__ import annotations
@@ -81,11 +90,69 @@ def lost_node(out: Path, tier: list[str], name: str) -> tuple:
             leaving.stop()
 
 
+def _progress(agent: Agent) -> list[tuple[float, int]]:
+    return [(e["_t"], e["step"]) for e in agent.snapshot() if e["event"] == "progress"]
+
+
+def _longest_gap(points: list[tuple[float, int]], start: float, end: float) -> float:
+    times = [t for t, _ in points if start <= t <= end]
+    return max((b - a for a, b in zip(times, times[1:])), default=float("nan"))
+
+
+def measure_replica_groups(out: Path) -> None:
+    from tests.ft_job import LIGHTHOUSE_FLAGS, Lighthouse, start_group
+
+    args = [
+        "--steps", "3000", "--checkpoint-every", "200", "--warmup-steps", "10", "--log-every", "1", "--step-delay", "0.02",
+        "--hierarchy", "2:2,8:replicas", "--collective-timeout", "20", "--ft-timeout", "3", "--checkpoint-url", str(out / "ft"),
+    ]
+    lighthouse = Lighthouse(out)
+    groups = [start_group(lighthouse, g, args, out, f"ft{g}") for g in range(3)]
+    agents = list(groups)
+    try:
+        for g in groups:
+            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 3, 180, "quorum of 3")
+        groups[0].wait_for(lambda e: e["event"] == "progress" and e["step"] >= 200, 180, "step 200")
+        killed_at = time.monotonic()
+        groups[2].kill()
+        time.sleep(15)  # a measurement window, not a synchronisation
+        survivors = [_progress(g) for g in groups[:2]]
+        stall = max(_longest_gap(p, killed_at - 15, killed_at + 15) for p in survivors)
+        before = max(_longest_gap(p, killed_at - 15, killed_at) for p in survivors)
+        lost = max(max(s for t, s in p if t <= killed_at) + 1 - min(s for t, s in p if t > killed_at) for p in survivors)
+        restart_at = time.monotonic()
+        restarted = start_group(lighthouse, 2, args, out, "ft2-restarted")
+        agents.append(restarted)
+        healed = restarted.wait_for(lambda e: e["event"] == "healed", 180, "healed line")
+        done = [g.wait_for(lambda e: e["event"] == "done", 600, "done") for g in (groups[0], groups[1], restarted)]
+    finally:
+        for agent in agents:
+            agent.stop()
+        lighthouse.stop()
+    same = len({d["params_sha256"] for d in done}) == 1
+    print()
+    print(f"replica groups: 3 torchrun groups x 2 workers, torchft lighthouse {' '.join(LIGHTHOUSE_FLAGS)}, --ft-timeout 3 s,")
+    print("top level every 8 steps (2:2,8:replicas), 20 ms extra per step, model = the digits MLP (--hidden 128)")
+    print(f"{'replica groups: one group SIGKILLed':<44}{'value':>14}")
+    print(f"{'survivors: longest gap between steps (s)':<44}{stall:>14.2f}   (before the kill: {before:.2f})")
+    print(f"{'survivors: steps lost':<44}{max(lost, 0):>14}")
+    print(f"{'survivors restarted':<44}{'no' if all(len([e for e in g.snapshot() if e['event'] == 'worker']) == 2 for g in groups[:2]) else 'YES':>14}")
+    print(f"{'restarted group: launch -> healed (s)':<44}{healed['_t'] - restart_at:>14.1f}")
+    print(f"{'restarted group: heal (fetch+decode+load, s)':<44}{healed['seconds']:>14.3f}")
+    print(f"{'restarted group: heal bytes per rank':<44}{healed['bytes']:>14}")
+    print(f"{'cross-group bytes per rank per sync':<44}{done[0]['cross_group_bytes_per_sync']:>14}   (model bytes {done[0]['model_bytes']}, ratio {done[0]['cross_group_bytes_per_sync'] / done[0]['model_bytes']:.3f})")
+    print(f"{'all groups finish with the same parameters':<44}{'yes' if same else 'NO':>14}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local-every", type=int, default=5)
+    parser.add_argument("--ft-only", action="store_true", help="only the replica-group (torchft) rows")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="elastic-hsgd-recovery-"))
+    if args.ft_only:
+        measure_replica_groups(out)
+        return
     tier = ["--local-checkpoint-every", str(args.local_every)]
     rows = []
     for failure, run in (("killed worker (1 agent x 4)", killed_worker), ("lost node (2 agents x 2)", lost_node)):
@@ -97,6 +164,12 @@ def main() -> None:
     print(f"{'failure':<30}{'tiers':<20}{'kill -> first step (s)':>24}{'steps lost':>12}{'world after':>13}{'source':>9}")
     for name, tiers, seconds, lost, world, source in rows:
         print(f"{name:<30}{tiers:<20}{seconds:>24.1f}{lost:>12}{world:>13}{source:>9}")
+    try:
+        import torchft  # noqa: F401
+    except ImportError:
+        print("(torchft not installed: no replica-group rows; pip install elastic_hsgd[ft])")
+        return
+    measure_replica_groups(out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,15 @@ from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
 from . import outer
 from .flat_params import FlatParameterBuffers, average_by_copy, params_to_average
-from .hierarchy import GroupSizeSpec, Level, contiguous_blocks, level_for_step, normalize_config, resolve_levels
+from .hierarchy import (
+    GroupSizeSpec,
+    Level,
+    check_replicas_level,
+    contiguous_blocks,
+    level_for_step,
+    normalize_config,
+    resolve_levels,
+)
 from .outer import OuterOptimizerFactory
 
 logger = logging.getLogger(__name__)
@@ -36,6 +44,17 @@ class AnchoredLevel:
     comm_dtype: torch.dtype | None
     anchors: list[torch.Tensor] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
+
+
+class TopLevel(Protocol):
+    """A top level that spans more than this process group (e.g. torchft replica groups).
+
+    The averager hands it the flat parameter buffers and its own group; it
+    averages them in place and says whether the result was committed (``False``:
+    the sync was discarded and the buffers are as they were).
+    """
+
+    def average(self, flats: list[torch.Tensor], group: dist.ProcessGroup, step: int) -> bool: ...
 
 
 class HierarchicalModelAverager(ModelAverager):
@@ -68,6 +87,8 @@ class HierarchicalModelAverager(ModelAverager):
         anchor_device: where anchors and outer-optimizer state live, e.g. ``"cpu"``
             to keep them in (pinned, when the parameters are on CUDA) host memory;
             default: beside the parameters.
+        top_level: averages the last level across replica groups; required
+            exactly when that level is ``"replicas"`` (see :mod:`elastic_hsgd.ft`).
 
     Anchored levels (hierarchical DiLoCo). A level with an outer optimizer or a
     comm dtype keeps an **anchor**: the parameters as they were when its group was
@@ -132,12 +153,24 @@ class HierarchicalModelAverager(ModelAverager):
         comm_dtypes: Mapping[int, torch.dtype] | None = None,
         local_world_size: int | None = None,
         anchor_device: torch.device | str | None = None,
+        top_level: TopLevel | None = None,
     ) -> None:
+        config = normalize_config(period_group_size_dict)
+        # Same config on every rank, so every rank raises here, before any collective.
+        check_replicas_level(config, fault_tolerant=top_level is not None)
         super().__init__(process_group)
-        self._config = normalize_config(period_group_size_dict)
+        self._config = config
+        self.top_level = top_level
         factories, wire_dtypes = outer.check_level_options(
             [period for period, _ in self._config], outer_optimizers, comm_dtypes
         )
+        top_period = self._config[-1][0]
+        if top_level is not None and (top_period in factories or top_period in wire_dtypes):
+            raise ValueError(
+                f"the 'replicas' level (period {top_period}) averages through torchft and takes no "
+                "outer optimizer or comm dtype yet: put outer_optimizers/comm_dtypes on the levels "
+                "inside the replica group."
+            )
         #: Levels keeping an anchor, lowest period first; empty: torch's averaging, nothing more.
         self._anchored: list[AnchoredLevel] = [
             AnchoredLevel(period, factories.get(period), wire_dtypes.get(period))
@@ -260,6 +293,14 @@ class HierarchicalModelAverager(ModelAverager):
             selected = params_to_average(params)
             if start_anchors:
                 self._start_anchors(selected)
+            if index is not None and self.top_level is not None and index == len(self.levels) - 1:
+                # Step first: a group that heals during this sync adopts this
+                # rank's state, which must already say where training resumes.
+                self.step += 1
+                group = self.period_process_group_dict[self.levels[index].period]
+                if self._average_top(selected, group):
+                    self._reset_anchors_below(self.levels[index].period, selected)
+                return
             if index is not None:
                 self._sync_level(index, selected)
         self.step += 1
@@ -272,20 +313,53 @@ class HierarchicalModelAverager(ModelAverager):
             self._average(params, group)
         else:
             self._outer_sync(anchored, params, group)
-        if self._anchors_started:
-            below = [lv for lv in self._anchored if lv.period < period]
-            if below:
-                buffers = self._flat_buffers(params)
-                with torch.no_grad():
-                    for lv in below:
-                        for anchor, flat in zip(lv.anchors, buffers):
-                            anchor.copy_(flat)
+        self._reset_anchors_below(period, params)
+
+    def _reset_anchors_below(self, period: int, params: list[torch.Tensor]) -> None:
+        """Anchored levels below ``period`` take the new parameters: their groups are synchronized too."""
+        if not self._anchors_started:
+            return
+        below = [lv for lv in self._anchored if lv.period < period]
+        if below:
+            buffers = self._flat_buffers(params)
+            with torch.no_grad():
+                for lv in below:
+                    for anchor, flat in zip(lv.anchors, buffers):
+                        anchor.copy_(flat)
 
     def _anchored_level(self, period: int) -> AnchoredLevel | None:
         for lv in self._anchored:
             if lv.period == period:
                 return lv
         return None
+
+    def sync_top_level(self, params: Iterable[Any]) -> bool:
+        """Run the top level's sync now, without stepping; ``True`` if committed.
+
+        Fault-tolerant jobs call it to join (or leave) at a sync every replica
+        group takes part in: at start, where a joining group heals, and at the end.
+        It takes every parameter that requires a gradient (a joiner has none
+        yet), so every parameter must get one in training, as under DDP.
+        """
+        if self.top_level is None:
+            raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
+        return self._average_top(params_to_average(params, with_grad_only=False), self.process_group)
+
+    def _average_top(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        assert self.top_level is not None
+        buffers = self._flat.buffers_for(params)
+        if buffers is not None:
+            return self.top_level.average(buffers, group, self.step)
+        # Parameters that cannot live in a flat buffer: average a flat copy.
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        committed = self.top_level.average([flat], group, self.step)
+        if committed:
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        return committed
 
     def _average(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
         if not params:

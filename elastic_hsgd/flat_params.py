@@ -19,9 +19,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def params_to_average(params: Iterable[Any]) -> list[torch.Tensor]:
+def params_to_average(params: Iterable[Any], *, with_grad_only: bool = True) -> list[torch.Tensor]:
     """Parameters that have a gradient, from ``model.parameters()`` or
     ``optimizer.param_groups``, each once (tied parameters are averaged once).
+
+    ``with_grad_only=False`` takes those that require one instead: a process
+    that has not stepped yet (e.g. joining replica groups) has no gradients.
     """
     selected: list[torch.Tensor] = []
     seen: set[int] = set()
@@ -32,7 +35,8 @@ def params_to_average(params: Iterable[Any]) -> list[torch.Tensor]:
                 f"cannot average {type(tensor).__name__!r}: pass model.parameters() or "
                 "optimizer.param_groups."
             )
-        if tensor.grad is not None and id(tensor) not in seen:
+        wanted = tensor.grad is not None if with_grad_only else tensor.requires_grad
+        if wanted and id(tensor) not in seen:
             seen.add(id(tensor))
             selected.append(tensor)
 

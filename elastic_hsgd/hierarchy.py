@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from typing import Union
 
 GroupSizeSpec = Union[int, str]
-"""A group size: a positive int, ``"local"`` (processes of one node) or ``"world"``."""
+"""A group size: a positive int, ``"local"`` (processes of one node), ``"world"``
+(the whole process group) or ``"replicas"`` (the whole group, averaged across the
+replica groups of a fault-tolerant job; top level only)."""
 
-SYMBOLIC_SIZES = ("local", "world")
+SYMBOLIC_SIZES = ("local", "world", "replicas")
+REPLICAS = "replicas"
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ def resolve_levels(
         raise ValueError(f"world_size {world_size} must be positive.")
     levels = []
     for period, spec in config:
-        if spec == "world":
+        # Inside a replica group the replicas level spans the whole group; the
+        # part across groups is the top-level object's business, not a subgroup.
+        if spec in ("world", REPLICAS):
             size = world_size
         elif spec == "local":
             if local_world_size is None or local_world_size <= 0:
@@ -134,6 +139,35 @@ def validate_levels(levels: Sequence[Level], world_size: int) -> None:
             f"the last level (period {top.period}) has group size {top.group_size} but the "
             f"world size is {world_size}: the top level must span the whole process group; "
             "use 'world' for it."
+        )
+
+
+def check_replicas_level(config: Sequence[tuple[int, GroupSizeSpec]], fault_tolerant: bool) -> None:
+    """Raise ``ValueError`` unless ``"replicas"`` is the top level exactly when fault tolerant.
+
+    In a fault-tolerant job (torchft, several replica groups) the last level must
+    be ``"replicas"``: any other top level would leave the groups never averaged
+    with each other. Outside one, ``"replicas"`` has nothing to span.
+    """
+    specs = [spec for _, spec in config]
+    for period, spec in config[:-1]:
+        if spec == REPLICAS:
+            raise ValueError(
+                f"group size 'replicas' for period {period} is not the last level: 'replicas' "
+                "spans every replica group and must be the top level, e.g. {2: 'local', 8: 'world', 32: 'replicas'}."
+            )
+    top_period, top_spec = config[-1]
+    if fault_tolerant and top_spec != REPLICAS:
+        raise ValueError(
+            f"this job runs fault-tolerant replica groups (TORCHFT_LIGHTHOUSE is set) but the top "
+            f"level of hierarchy {dict(config)} is {top_spec!r} (period {top_period}): make the last "
+            f"level 'replicas', e.g. {{{', '.join(f'{p}: {s!r}' for p, s in config)}, {4 * top_period}: 'replicas'}}."
+        )
+    if not fault_tolerant and REPLICAS in specs:
+        raise ValueError(
+            f"hierarchy {dict(config)} has a 'replicas' level but this job has no replica groups: "
+            "'replicas' needs the fault-tolerant mode (torchft installed, TORCHFT_LIGHTHOUSE set, a "
+            "top level from elastic_hsgd.ft); use 'world' for the top level otherwise."
         )
 
 

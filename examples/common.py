@@ -36,9 +36,11 @@ def parse_hierarchy(text: str) -> dict[int, int | str]:
     for part in text.split(","):
         try:
             period, size = part.split(":")
-            levels[int(period)] = size if size in ("local", "world") else int(size)
+            levels[int(period)] = size if size in ("local", "world", "replicas") else int(size)
         except ValueError:
-            raise SystemExit(f"--hierarchy part {part!r} is not PERIOD:SIZE (SIZE an int, 'local' or 'world'), e.g. 2:local,8:world")
+            raise SystemExit(
+                f"--hierarchy part {part!r} is not PERIOD:SIZE (SIZE an int, 'local', 'world' or 'replicas'), e.g. 2:local,8:world"
+            )
     return levels
 
 
@@ -170,6 +172,20 @@ def progress_bar(info: WorkerInfo, total: int, initial: int) -> Iterator[Any]:
         yield bar
 
 
+def emit_ft_events(info: WorkerInfo, top: Any, averager: Any, replica_group: Any, heal: Any = None) -> None:
+    """Quorum changes and heals of the replicas level, as JSON lines (fault-tolerant mode only)."""
+    if top is None:
+        return
+    for event in top.take_events():
+        emit(info.rank, **event, replica_group=replica_group)
+    heal = heal or top.take_heal()
+    if heal is not None:
+        emit(
+            info.rank, event="healed", step=averager.step, source_replica=int(heal.source_replica), seconds=round(heal.seconds, 4),
+            bytes=heal.bytes, replica_group=replica_group,
+        )
+
+
 def train_loop(
     args: argparse.Namespace,
     info: WorkerInfo,
@@ -179,6 +195,7 @@ def train_loop(
     progress: Any,
     train_step: Callable[[int], torch.Tensor],
     metrics: Callable[[], dict[str, Any]],
+    top: Any = None,
 ) -> float:
     """Steps ``start_step .. args.steps - 1``; returns the last loss.
 
@@ -187,18 +204,28 @@ def train_loop(
     checkpoint is saved every ``args.checkpoint_every`` steps (and at the end; the local tier at its own cadence),
     and every ``args.log_every`` steps a ``progress`` event carries the loss and
     ``metrics()``.
+
+    With ``top`` (fault-tolerant replica groups, :mod:`elastic_hsgd.ft`), its
+    ``quorum``/``healed`` lines follow each step, only the first group of the
+    quorum writes checkpoints, and the last one is left to the caller (after
+    the final cross-group sync).
     """
     model, averager = state["model"], state["averager"]
     loss = torch.tensor(float("nan"))
     for step in range(start_step, args.steps):
         loss = train_step(step)
         averager.average_parameters(model.parameters())
+        emit_ft_events(info, top, averager, getattr(args, "replica_group_id", None))
         done = step + 1
-        for tier in manager.maybe_save(done, state, final=done == args.steps):
-            if tier == "cloud":
-                emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
-            else:  # staged now, committed in the background: `committed` is the newest local step done everywhere
-                emit(info.rank, event="local_checkpoint", step=done, committed=manager.local_committed_step, world_size=info.world_size)
+        # With replica groups one group writes (the first of the quorum), and the
+        # last checkpoint comes after the final cross-group sync (the caller's).
+        writer = top is None or top.is_checkpoint_writer()
+        if writer and not (top is not None and done == args.steps):
+            for tier in manager.maybe_save(done, state, final=done == args.steps):
+                if tier == "cloud":
+                    emit(info.rank, event="checkpoint", step=done, world_size=info.world_size)
+                else:  # staged now, committed in the background: `committed` is the newest local step done everywhere
+                    emit(info.rank, event="local_checkpoint", step=done, committed=manager.local_committed_step, world_size=info.world_size)
         if done % args.log_every == 0:
             emit(
                 info.rank, event="progress", step=done, loss=round(loss.item(), 5), **metrics(), world_size=info.world_size,

@@ -9,6 +9,15 @@ averaging; checkpoints every ``--checkpoint-every`` steps to ``--checkpoint-url`
 (any fsspec URL) and resumes from the newest one on every (re)start, at any
 world size. Rank 0 prints JSON lines: ``started``/``resumed``, ``progress``,
 ``checkpoint`` and finally ``done`` with a hash of the final parameters.
+
+Fault-tolerant replica groups (torchft) when ``TORCHFT_LIGHTHOUSE`` is set: start
+``torchft_lighthouse --min_replicas 1 --bind [::]:29510`` once, then one torchrun
+per replica group, each with its own rendezvous and ``--replica-group-id``
+(default: env ``REPLICA_GROUP_ID``), and a hierarchy whose top level is
+``replicas``, e.g. ``--hierarchy 2:local,8:world,32:replicas``. A group that
+(re)starts while others run heals from a live peer instead of reading the
+checkpoint; only the first group of the quorum writes checkpoints. Extra lines:
+``quorum`` (number of groups taking part changed) and ``healed``.
 """
 
 from __future__ import annotations
@@ -16,14 +25,31 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import add_job_arguments, add_outer_arguments, averager_options, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
+from common import (
+    add_job_arguments,
+    add_outer_arguments,
+    averager_options,
+    announce,
+    batch_indices,
+    checkpoint_manager,
+    emit,
+    emit_ft_events,
+    init_worker,
+    params_sha256,
+    parse_hierarchy,
+    progress_bar,
+    train_loop,
+)
 from elastic_hsgd import HierarchicalModelAverager
-from elastic_hsgd.elastic import attach_post_local_sgd, resume
+from elastic_hsgd.elastic import Resumed, attach_post_local_sgd, resume
+from elastic_hsgd.ft.env import check_replica_group_id, lighthouse_from_env
 
 log = logging.getLogger("train_digits")
 
@@ -35,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_job_arguments(p, checkpoint_url="checkpoints/digits", steps=300, batch_size=32, lr=0.05)
     p.add_argument("--hidden", type=int, default=128)
     add_outer_arguments(p)
+    p.add_argument("--replica-group-id", default=os.environ.get("REPLICA_GROUP_ID"), help="fault-tolerant mode: this replica group's id (default: env REPLICA_GROUP_ID)")
+    p.add_argument("--ft-timeout", type=float, default=10.0, help="fault-tolerant mode: seconds before a sync with a lost replica group fails")
     return p.parse_args(argv)
 
 
@@ -55,14 +83,17 @@ def test_accuracy(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Te
         return (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
 
 
-def train(args, info, device, ddp, state, manager, start_step, progress, data) -> float:
+def train(args, info, device, ddp, state, manager, start_step, progress, data, top=None) -> float:
     """Steps ``start_step .. args.steps - 1``; returns the last loss."""
     x_train, y_train, x_test, y_test = data
     model, optimizer = state["model"], state["optimizer"]
     loss_fn = torch.nn.CrossEntropyLoss()
 
+    # Replica groups are data parallel too: each draws its own batches.
+    data_seed = args.seed if top is None else args.seed + 7919 * args.replica_group_id
+
     def train_step(step: int) -> torch.Tensor:
-        idx = batch_indices(args.seed, step, info.rank, info.world_size, args.batch_size, len(x_train))
+        idx = batch_indices(data_seed, step, info.rank, info.world_size, args.batch_size, len(x_train))
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(ddp(x_train[idx].to(device)), y_train[idx].to(device))
         loss.backward()
@@ -72,7 +103,7 @@ def train(args, info, device, ddp, state, manager, start_step, progress, data) -
     def metrics() -> dict:
         return {"test_accuracy": round(test_accuracy(model, x_test, y_test, device), 4)}
 
-    return train_loop(args, info, state, manager, start_step, progress, train_step, metrics)
+    return train_loop(args, info, state, manager, start_step, progress, train_step, metrics, top)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,23 +117,55 @@ def main(argv: list[str] | None = None) -> None:
     ).to(device)
     ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
-    # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
+    fault_tolerant = lighthouse_from_env() is not None
+    top = None
+    if fault_tolerant:
+        from elastic_hsgd.ft.replicas import ReplicaGroups
+
+        args.replica_group_id = int(check_replica_group_id(args.replica_group_id))
+        top = ReplicaGroups()  # its torchft Manager comes below: it needs the state, which holds the averager
+    # Built for the current world: raises here, on every rank, if the hierarchy no longer fits
+    # (or, with replica groups, if its top level is not "replicas").
     hierarchy = parse_hierarchy(args.hierarchy)
-    averager = HierarchicalModelAverager(hierarchy, warmup_steps=args.warmup_steps, **averager_options(args, list(hierarchy)))
+    averager = HierarchicalModelAverager(
+        hierarchy, warmup_steps=args.warmup_steps, top_level=top, **averager_options(args, list(hierarchy))
+    )
     hook = attach_post_local_sgd(ddp, averager)
     manager = checkpoint_manager(args)
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
-    resumed = resume(manager, state, averager)
-    announce(info, resumed, averager)
+    joined = None
+    if fault_tolerant:
+        from elastic_hsgd.ft.wiring import join, make_manager, sync_until_committed
+
+        make_manager(top, state, str(args.replica_group_id), timeout=timedelta(seconds=args.ft_timeout))
+        joined = join(averager, ddp.parameters(), top)
+        emit_ft_events(info, top, averager, args.replica_group_id, joined.heal)
+    if joined is not None and joined.heal is not None:
+        resumed = Resumed(joined.step, None, -1)  # healed from a peer (the "healed" line): the checkpoint is not read
+    else:
+        resumed = resume(manager, state, averager)
+        announce(info, resumed, averager)
     with progress_bar(info, args.steps, resumed.step) as progress:
-        loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test))
+        loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test), top)
+    if top is not None:
+        # End on a cross-group sync: every group that finishes holds the same parameters.
+        heal = sync_until_committed(averager, ddp.parameters(), top)
+        emit_ft_events(info, top, averager, args.replica_group_id, heal)
+        if top.is_checkpoint_writer():
+            manager.save(args.steps, state)
+            emit(info.rank, event="checkpoint", step=args.steps, world_size=info.world_size)
     manager.close()
 
     accuracy = test_accuracy(model, x_test, y_test, device)
     emit(
         info.rank, event="done", step=averager.step, world_size=info.world_size, loss=None if math.isnan(loss) else round(loss, 6),
         test_accuracy=round(accuracy, 4), params_sha256=params_sha256(model),
+        **({} if top is None else {
+            "replica_group": args.replica_group_id, "cross_group_bytes_per_sync": top.cross_group_bytes_last_sync, "model_bytes": top.model_bytes,
+        }),
     )
+    if top is not None:
+        top.manager.shutdown(wait=False)
     dist.destroy_process_group()
 
 

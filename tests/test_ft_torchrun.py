@@ -1,0 +1,128 @@
+"""Replica groups on torchft with real torchrun agents and a real lighthouse (gloo, loopback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+pytest.importorskip("torchft")
+
+from elastic_hsgd.checkpoint.storage import Storage  # noqa: E402
+from elastic_hsgd.elastic import GENERATION_FILE  # noqa: E402
+from tests.distributed import free_port  # noqa: E402
+from tests.ft_job import Lighthouse, start_group, steps_of  # noqa: E402
+from tests.torchrun_job import Agent  # noqa: E402
+
+pytestmark = pytest.mark.torchrun
+
+TRAIN = [
+    "--warmup-steps", "4", "--hierarchy", "2:2,4:replicas", "--hidden", "16", "--log-every", "1",
+    "--collective-timeout", "20", "--ft-timeout", "3",
+]
+
+
+def _workers(agent: Agent) -> list[int]:
+    return [e["pid"] for e in agent.snapshot() if e["event"] == "worker"]
+
+
+def _never_goes_back(agent: Agent) -> None:
+    steps = steps_of(agent)
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), f"{agent.name} went back: {steps}"
+
+
+def test_survivors_keep_training_and_restarted_groups_heal_from_a_peer(tmp_path):
+    url = tmp_path / "ckpt"
+    # Paced so the survivors outlive a restart of the lost group and then of a worker
+    # (up to ~30 s each on 2 loaded cores: imports, data, DDP, then the heal itself takes ms).
+    args = [*TRAIN, "--steps", "2000", "--checkpoint-every", "100", "--step-delay", "0.05", "--checkpoint-url", str(url)]
+    lighthouse = Lighthouse(tmp_path)
+    groups = [start_group(lighthouse, g, args, tmp_path, f"group{g}") for g in range(3)]
+    agents = list(groups)
+    try:
+        for g in groups:
+            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 3, 120, "quorum of 3")
+        groups[0].wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 100, 120, "first checkpoint")
+        generation = (url / GENERATION_FILE).read_bytes()
+        survivors_pids = {g.name: _workers(g) for g in groups[:2]}
+
+        # 1. A whole group dies (workers and agent): the others go on without restarting.
+        groups[2].kill()
+        for g in groups[:2]:
+            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 2, 60, "quorum of 2")
+        at_kill = max(steps_of(groups[0]))
+        groups[0].wait_for(lambda e: e["event"] == "progress" and e["step"] >= at_kill + 8, 60, "training on after the loss")
+
+        # 2. Started again, it heals from a live peer instead of reading the checkpoint.
+        restarted = start_group(lighthouse, 2, args, tmp_path, "group2-restarted")
+        agents.append(restarted)
+        healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
+        assert healed["source_replica"] in (0, 1) and healed["replica_group"] == 2 and healed["bytes"] > 0
+        assert healed["step"] > at_kill
+        for g in groups[:2]:
+            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 3 and e["step"] >= healed["step"] - 1, 60, "quorum of 3 again")
+
+        # 3. One worker of group 1 dies: torchelastic restarts that group, which heals.
+        victim = next(e["pid"] for e in groups[1].snapshot() if e["event"] == "worker" and e["rank"] == 1)
+        os.kill(victim, signal.SIGKILL)
+        healed1 = groups[1].wait_for(lambda e: e["event"] == "healed", 120, "group 1 healed after its restart")
+        assert healed1["source_replica"] in (0, 2)
+
+        done = [g.wait_for(lambda e: e["event"] == "done", 400, "done line") for g in (groups[0], groups[1], restarted)]
+    finally:
+        for agent in agents:
+            agent.stop()
+        lighthouse.stop()
+
+    assert {d["step"] for d in done} == {2000}
+    assert len({d["params_sha256"] for d in done}) == 1, done
+    assert [d["replica_group"] for d in done] == [0, 1, 2]
+    # Group 0 never restarted; group 1 restarted only its own workers (2 new pids).
+    assert _workers(groups[0]) == survivors_pids["group0"]
+    assert len(_workers(groups[1])) == 4 and _workers(groups[1])[:2] == survivors_pids["group1"]
+    _never_goes_back(groups[0])
+    # Nothing read the checkpoint to join: no resume line, the generation counter untouched.
+    for agent in (restarted,):
+        assert not [e for e in agent.snapshot() if e["event"] in ("started", "resumed")]
+    assert not [e for e in groups[1].snapshot() if e["event"] == "resumed"]
+    assert (url / GENERATION_FILE).read_bytes() == generation
+    assert Storage(str(url)).committed_steps()[-1] == 2000
+
+
+def test_every_group_killed_resumes_from_the_durable_checkpoint(tmp_path):
+    url = tmp_path / "ckpt"
+    args = [*TRAIN, "--steps", "120", "--checkpoint-every", "20", "--step-delay", "0.03", "--checkpoint-url", str(url)]
+    lighthouse = Lighthouse(tmp_path)
+    agents = [start_group(lighthouse, g, args, tmp_path, f"first{g}") for g in range(2)]
+    try:
+        agents[0].wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 40, 120, "a checkpoint")
+        for agent in agents:
+            agent.kill()
+        committed = Storage(str(url)).committed_steps()[-1]
+        assert committed >= 40
+        again = [start_group(lighthouse, g, args, tmp_path, f"again{g}") for g in range(2)]
+        agents += again
+        resumed = [a.wait_for(lambda e: e["event"] in ("resumed", "healed"), 120, "resumed line") for a in again]
+        done = [a.wait_for(lambda e: e["event"] == "done", 180, "done line") for a in again]
+    finally:
+        for agent in agents:
+            agent.stop()
+        lighthouse.stop()
+    # Whichever group formed the first quorum resumed from the checkpoint; a later one may heal from it.
+    assert any(r["event"] == "resumed" and r["step"] == committed for r in resumed), resumed
+    assert all(r["step"] >= committed for r in resumed)
+    assert len({d["params_sha256"] for d in done}) == 1 and {d["step"] for d in done} == {120}
+
+
+def test_top_level_other_than_replicas_is_refused_on_every_rank(tmp_path):
+    torchrun = ["--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=0"]
+    env = {"TORCHFT_LIGHTHOUSE": "http://127.0.0.1:9", "REPLICA_GROUP_ID": "0"}
+    agent = Agent(torchrun, ["--steps", "8", "--hierarchy", "2:2,4:world", "--checkpoint-url", str(tmp_path / "c")], tmp_path, "misfit", env=env)
+    try:
+        agent.proc.wait(timeout=90)
+    finally:
+        agent.stop()
+    assert agent.proc.returncode != 0
+    stderr = agent.stderr_tail(200_000)
+    assert stderr.count("make the last level 'replicas'") >= 2, stderr[-3000:]
