@@ -13,7 +13,8 @@ interleaved in one run:
 
 and, for anchored global levels (no torch counterpart, so no (b)): a bf16
 level (pseudo-gradient sent as bf16 both ways, summed in fp32; goal c/a <= 0.6;
-its (b) column is its two bf16 all_to_alls alone, without casts or sums), an fp32
+its (b) column is its two bf16 all_to_alls alone, without casts or sums, and a
+line below times its passes over memory alone: produce, reduce, consume), an fp32
 level with an outer Nesterov step, and both.
 
 Prints median milliseconds per call and the ratios c/a and c/b.
