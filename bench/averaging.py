@@ -13,7 +13,8 @@ interleaved in one run:
 
 and, for anchored global levels (no torch counterpart, so no (b)): a bf16
 level (pseudo-gradient sent as bf16 both ways, summed in fp32; goal c/a <= 0.6;
-its (b) column is its two bf16 all_to_alls alone, without casts or sums), an fp32
+its (b) column is its two bf16 all_to_alls alone, without casts or sums, and a
+line below times its passes over memory alone: produce, reduce, consume), an fp32
 level with an outer Nesterov step, and both.
 
 Prints median milliseconds per call and the ratios c/a and c/b.
@@ -39,7 +40,7 @@ from torch.distributed.algorithms.model_averaging.hierarchical_model_averager im
 )
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from elastic_hsgd import HierarchicalModelAverager  # noqa: E402
+from elastic_hsgd import HierarchicalModelAverager, outer  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
 
 
@@ -66,6 +67,45 @@ def storage_pointers(model: torch.nn.Module, averager: HierarchicalModelAverager
     tensors += [t for lv in averager._anchored if lv.optimizer for s in lv.optimizer.state.values() for t in s.values()]
     tensors += [t for wire in averager._wire.values() for t in wire]
     return [t.data_ptr() for t in tensors]
+
+
+def compressed_passes(n: int, size: int) -> dict[str, callable]:
+    """The bf16 level's passes over memory alone, no transfers: the same calls on the same chunks as the averager.
+
+    ``produce``: delta = anchor - params (fp32) and its cast into the bf16 wire
+    buffer; ``reduce``: the fp32 sum of this rank's 1/n slice of everyone's
+    wire values, its cast back and its copy into the gather buffer;
+    ``consume``: the gathered mean back to fp32, ``anchor -= mean``,
+    ``params := anchor``.
+    """
+    padded, _ = outer.wire_layout(n, size)
+    chunk = min(padded, max(size, HierarchicalModelAverager.CPU_CHUNK_ELEMENTS // size * size))
+    anchor, params, delta = torch.randn(n) * 0.03, torch.randn(n) * 0.03, torch.empty(n)
+    wire, received, mean_out = (torch.zeros(padded, dtype=torch.bfloat16) for _ in range(3))
+    total, row = torch.empty(chunk // size), torch.empty(chunk // size)
+    bounds = [(start, min(start + chunk, padded)) for start in range(0, padded, chunk)]
+
+    def produce() -> None:
+        for start, stop in bounds:
+            end = min(stop, n)
+            outer.pseudo_gradient(anchor[start:end], params[start:end], out=delta[start:end])
+            outer.encode(delta[start:end], wire[start:stop])
+
+    def reduce() -> None:
+        for start, stop in bounds:
+            per_rank = (stop - start) // size
+            m = mean_out[start:stop]
+            outer.reduce_slices(received[start:stop], size, total[:per_rank], m[:per_rank], row[:per_rank])
+            m.view(size, per_rank)[1:].copy_(m[:per_rank].expand(size - 1, per_rank))
+
+    def consume() -> None:
+        for start, stop in bounds:
+            end = min(stop, n)
+            outer.decode(wire[start:stop], delta[start:end])
+            outer.outer_update(anchor[start:end], delta[start:end], None)
+            params[start:end].copy_(anchor[start:end])
+
+    return {"produce": produce, "reduce": reduce, "consume": consume}
 
 
 def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
@@ -106,6 +146,10 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
             # separates what the wire costs from what the extra passes over memory cost.
             wire_out, wire_in = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
             calls["b"] = lambda: (dist.all_to_all_single(wire_in, wire_out, group=group), dist.all_to_all_single(wire_out, wire_in, group=group))
+            # ... and its passes over memory alone (no transfers), each timed on its own.
+            for stage, fn in compressed_passes(n, dist.get_world_size(group)).items():
+                calls[stage] = fn
+                timings[stage] = []
         if theirs is not None:
             theirs.step = 1
             model_theirs = make_model(args.params)
@@ -127,6 +171,14 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
             print(f"{name:<15}{n:>12,}{m['a']:>12.2f}{m['b']:>12.2f}{m['c']:>12.2f}{m['c'] / m['a']:>8.2f}{m['c'] / m['b']:>8.2f}")
         m = results["bf16 level"][0]
         print(f"bf16 level: its two bf16 all_to_alls alone take {m['b']:.2f} ms = {m['b'] / m['a']:.2f}x (a) (shown as (b) in its row)")
+        stages = ("produce", "reduce", "consume")
+        passes = sum(m[s] for s in stages)
+        print(
+            "bf16 level: its passes over memory alone, no transfers: "
+            + ", ".join(f"{s} {m[s]:.2f} ms = {m[s] / m['a']:.2f}x (a)" for s in stages)
+            + f"; together {passes:.2f} ms = {passes / m['a']:.2f}x (a); "
+            f"transfers + passes = {(m['b'] + passes) / m['a']:.2f}x (a), measured (c) = {m['c'] / m['a']:.2f}x (a)"
+        )
         reused = all(same for _, _, same in results.values())
         print(f"(c) kept parameters, anchors, outer state and wire buffers in the same storage across all timed calls: {reused}")
     dist.destroy_process_group()
