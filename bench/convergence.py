@@ -432,7 +432,7 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("global all-reduce traffic per rank so far (MB, log scale)")
+    ax.set_xlabel("global traffic per rank so far (MB, log scale)")
     if accuracy:
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(80, 100)
@@ -441,11 +441,11 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     else:
         ax.set_ylabel("validation loss (nats per byte)")
         ax.set_title(f"byte-level GPT, {args.world_size} workers: val loss vs global traffic (mean of {len(args.seeds)} seeds)", fontsize=10)
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7)  # below: the names are long
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     stem = output_stem(args)
-    fig.savefig(out_dir / f"{stem}.png", dpi=120)
+    fig.savefig(out_dir / f"{stem}.png", dpi=120, bbox_inches="tight")
     (out_dir / f"{stem}.md").write_text(table + "\n")
     return table
 
