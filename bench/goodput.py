@@ -16,8 +16,10 @@ stopped, as a preempted job would be); failure-free seconds per step come from t
 the same job without failures (its steady state: checkpoints included, start-up excluded), so
 that row's goodput shows what start-up and the final partial interval cost on their own.
 Rows: no failures; torchrun restart + cloud checkpoints (an S3 API server, ``moto_server`` on
-127.0.0.1, unless ``--cloud-url`` names another); then rows that need work not on this branch
-(node-local checkpoint tier, torchft replica groups), listed as pending or not available.
+127.0.0.1, unless ``--cloud-url`` names another); the same plus the node-local tier every
+``--local-every`` steps (each agent its own folder under the log folder, a returning node a new
+empty one; steps survive when committed in either tier: a local step commits only once every rank
+and its buddy copy on the other node are written); torchft replica groups, listed as not available.
 """
 
 from __future__ import annotations
@@ -69,16 +71,17 @@ def schedule(seed: int, wall_s: float, every_s: float, down_s: float) -> list[Fa
 class Churn:
     """Two agents on 127.0.0.1; applies a failure schedule and brings lost nodes back."""
 
-    def __init__(self, script: str, job_args: list[str], log_dir: Path) -> None:
+    def __init__(self, script: str, job_args: list[str], log_dir: Path, local_root: Path | None = None, local_every: int = 0) -> None:
         port = free_port()
         self.torchrun = [
             "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
             "--rdzv-id=goodput", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=1000", "--monitor-interval=0.2",
         ]
         self.script, self.job_args, self.log_dir = script, job_args, log_dir
-        self.host = Agent(self.torchrun, job_args, log_dir, "host", script)  # holds the rendezvous store: never killed
+        self.local_root, self.local_every = local_root, local_every
+        self.host = self._agent("host")  # holds the rendezvous store: never killed
         _wait_port(port, self.host)
-        self.second: Agent | None = Agent(self.torchrun, job_args, log_dir, "node-0", script)
+        self.second: Agent | None = self._agent("node-0")
         self.agents = [self.host, self.second]
         self.log: list[str] = []
 
@@ -108,8 +111,13 @@ class Churn:
                 return
             time.sleep(0.05)
 
+    def _agent(self, name: str) -> Agent:
+        """A new agent; with a local tier, its own node-local folder (a new node starts with an empty one)."""
+        local = [] if self.local_root is None else ["--local-checkpoint-url", str(self.local_root / name), "--local-checkpoint-every", str(self.local_every)]
+        return Agent(self.torchrun, [*self.job_args, *local], self.log_dir, name, self.script)
+
     def bring_back(self, t0: float) -> None:
-        self.second = Agent(self.torchrun, self.job_args, self.log_dir, f"node-{len(self.agents)}", self.script)
+        self.second = self._agent(f"node-{len(self.agents)}")
         self.agents.append(self.second)
         self.log.append(f"{time.monotonic() - t0:6.1f} s  new agent joins")
 
@@ -118,7 +126,7 @@ class Churn:
             agent.stop()
 
 
-def run_row(name: str, failures: list[Failure], url: str, storage_options: dict, args: argparse.Namespace, log_dir: Path) -> dict:
+def run_row(name: str, failures: list[Failure], url: str, storage_options: dict, args: argparse.Namespace, log_dir: Path, local: bool = False) -> dict:
     script, model_args = JOBS[args.task]
     job_args = [
         *model_args, "--steps", "100000000", "--checkpoint-every", str(args.checkpoint_every), "--log-every", "5",
@@ -127,7 +135,7 @@ def run_row(name: str, failures: list[Failure], url: str, storage_options: dict,
     ]
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    churn = Churn(script, job_args, log_dir)
+    churn = Churn(script, job_args, log_dir, log_dir / "local" if local else None, args.local_every)
     pending = sorted([(f.at_s, 0, f) for f in failures] + [(f.at_s + args.down, 1, None) for f in failures if f.kind == "node"], key=lambda x: x[:2])
     try:
         for index, (at_s, _, failure) in enumerate(pending):
@@ -144,6 +152,10 @@ def run_row(name: str, failures: list[Failure], url: str, storage_options: dict,
         churn.stop()
     events = churn.host.snapshot()
     committed = Storage(url, storage_options).committed_steps()
+    if local:
+        # A local step is committed only once every rank's file and its buddy copy are written, and the
+        # never-killed host holds its own ranks plus copies of the other node's: a restart resumes from it.
+        committed = sorted(set(committed) | set(Storage(str(log_dir / "local" / "host")).committed_steps()))
     progress = [e for e in events if e["event"] == "progress"]
     starts = [e for e in events if e["event"] in ("started", "resumed")]
     return {
@@ -202,6 +214,7 @@ def main() -> None:
     parser.add_argument("--down", type=float, default=10.0, help="seconds a lost node stays away")
     parser.add_argument("--seed", type=int, default=0, help="seeds the failure schedule")
     parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--local-every", type=int, default=5, help="node-local tier cadence in steps (its row)")
     parser.add_argument("--cloud-url", help="checkpoint URL for the cloud rows (default: a bucket on a local moto_server)")
     parser.add_argument("--storage-options", default="{}", help="JSON for --cloud-url")
     parser.add_argument("--out", default=None, help="folder for logs (default: a new temp folder)")
@@ -232,8 +245,9 @@ def main() -> None:
         for name, row_failures, key in [
             ("no failures (reference), cloud checkpoints", [], "reference"),
             ("torchrun restart + cloud checkpoints", failures, "cloud"),
+            (f"+ node-local checkpoint tier (every {args.local_every} steps, own folder per agent)", failures, "local"),
         ]:
-            rows.append(run_row(name, row_failures, f"{cloud_base}/{key}", options, args, out / key))
+            rows.append(run_row(name, row_failures, f"{cloud_base}/{key}", options, args, out / key, local=key == "local"))
             r = rows[-1]
             print(f"{name}: {r['survived']} steps committed, worlds {r['worlds']}", flush=True)
             for line in r["log"]:
@@ -254,8 +268,7 @@ def main() -> None:
         goodput = r["survived"] * t_step / args.wall
         worlds = " ".join(str(w) for w in r["worlds"])
         print(f"| {r['name']} | {r['survived']} | {r['reached']} | {r['starts']} | {worlds} | {goodput:.2f} |")
-    print("| + node-local checkpoint tier | pending: CheckpointManager(local_url=, local_every=) is not on main yet | | | | |")
-    print("| torchft replica groups | not available: not built in this project yet | | | | |")
+    print("| torchft replica groups | not available: the examples' replica-group mode (TORCHFT_LIGHTHOUSE + --replica-group-id) is not on main yet | | | | |")
 
 
 if __name__ == "__main__":
