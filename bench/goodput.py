@@ -19,7 +19,22 @@ Rows: no failures; torchrun restart + cloud checkpoints (an S3 API server, ``mot
 127.0.0.1, unless ``--cloud-url`` names another); the same plus the node-local tier every
 ``--local-every`` steps (each agent its own folder under the log folder, a returning node a new
 empty one; steps survive when committed in either tier: a local step commits only once every rank
-and its buddy copy on the other node are written); torchft replica groups, listed as not available.
+and its buddy copy on the other node are written); torchft replica groups (``--task digits`` only:
+the replica-group mode exists in ``train_digits.py`` alone).
+
+The replica-group row keeps the worker count: 2 replica groups x 2 workers (each group its own
+torchrun agent and rendezvous, ``--max-restarts=1000``), a real ``torchft_lighthouse`` on
+127.0.0.1 (the test flags: ``--min_replicas 1``, heartbeat timeout 1 s, join timeout 10 s),
+hierarchy ``2:2,8:replicas`` (the same two levels as ``2:local,8:world``: average inside the
+2-worker node every 2 steps, across all 4 workers every 8), ``--ft-timeout 3``. A "node" failure
+SIGKILLs the second group's agent and workers (the first, like the first agent, is never killed)
+and starts it again ``--down`` seconds later (it heals from the live group); a "worker" failure
+SIGKILLs one live worker by pid (its group's agent restarts that group, which heals). Survivors
+lose no steps, so the row's surviving steps are the final model's step: the highest step a live
+group reached when the time is up (its last progress event, or the newest checkpoint if later); the step committed in the
+checkpoint is printed next to it.
+
+    python bench/goodput.py --task digits --wall 150 --every 45 --rows reference,ft
 """
 
 from __future__ import annotations
@@ -43,6 +58,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from elastic_hsgd.checkpoint.storage import Storage  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
 from tests.torchrun_job import EXAMPLE, FAST_RDZV, LM_EXAMPLE, Agent  # noqa: E402
+
+ROWS = ("reference", "ft", "cloud", "local")
 
 JOBS = {
     "lm": (LM_EXAMPLE, ["--width", "64", "--layers", "2", "--heads", "4", "--context", "64", "--batch-size", "8", "--corpus-bytes", "1000000", "--val-windows", "8"]),
@@ -126,16 +143,52 @@ class Churn:
             agent.stop()
 
 
-def run_row(name: str, failures: list[Failure], url: str, storage_options: dict, args: argparse.Namespace, log_dir: Path, local: bool = False) -> dict:
+class FtChurn:
+    """Two torchft replica groups of 2 workers each and a real lighthouse; same schedule, a lost "node" is a whole group."""
+
+    def __init__(self, job_args: list[str], log_dir: Path) -> None:
+        from tests.ft_job import Lighthouse
+
+        self.job_args, self.log_dir = job_args, log_dir
+        self.lighthouse = Lighthouse(log_dir)
+        self.host = self._group(0, "group0")  # never killed, like the rendezvous host
+        self.second: Agent | None = self._group(1, "group1")
+        self.agents = [self.host, self.second]
+        self.log: list[str] = []
+
+    def _group(self, group: int, name: str) -> Agent:
+        torchrun = [
+            "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "--max-restarts=1000", "--monitor-interval=0.2",
+        ]
+        env = {"TORCHFT_LIGHTHOUSE": self.lighthouse.address, "REPLICA_GROUP_ID": str(group), "ELASTIC_HSGD_FT_HOSTNAME": "127.0.0.1"}
+        return Agent(torchrun, self.job_args, self.log_dir, name, EXAMPLE, env=env)
+
+    apply = Churn.apply  # same victims: the second agent (here a whole group), or a live worker by pid
+
+    def bring_back(self, t0: float) -> None:
+        self.second = self._group(1, f"group1-{len(self.agents)}")
+        self.agents.append(self.second)
+        self.log.append(f"{time.monotonic() - t0:6.1f} s  group 1 started again")
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        self.lighthouse.stop()
+
+
+def run_row(
+    name: str, failures: list[Failure], url: str, storage_options: dict, args: argparse.Namespace, log_dir: Path, local: bool = False, ft: bool = False
+) -> dict:
     script, model_args = JOBS[args.task]
     job_args = [
         *model_args, "--steps", "100000000", "--checkpoint-every", str(args.checkpoint_every), "--log-every", "5",
-        "--hierarchy", "2:local,8:world", "--warmup-steps", "10", "--collective-timeout", "10",
-        "--checkpoint-url", url, "--storage-options", json.dumps(storage_options),
+        "--hierarchy", "2:2,8:replicas" if ft else "2:local,8:world", "--warmup-steps", "10", "--collective-timeout", "10",
+        "--checkpoint-url", url, "--storage-options", json.dumps(storage_options), *(["--ft-timeout", "3"] if ft else []),
     ]
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    churn = Churn(script, job_args, log_dir, log_dir / "local" if local else None, args.local_every)
+    churn = FtChurn(job_args, log_dir) if ft else Churn(script, job_args, log_dir, log_dir / "local" if local else None, args.local_every)
     pending = sorted([(f.at_s, 0, f) for f in failures] + [(f.at_s + args.down, 1, None) for f in failures if f.kind == "node"], key=lambda x: x[:2])
     try:
         for index, (at_s, _, failure) in enumerate(pending):
@@ -150,8 +203,10 @@ def run_row(name: str, failures: list[Failure], url: str, storage_options: dict,
             time.sleep(0.05)
     finally:
         churn.stop()
-    events = churn.host.snapshot()
     committed = Storage(url, storage_options).committed_steps()
+    if ft:
+        return ft_result(name, churn, committed, t0)
+    events = churn.host.snapshot()
     if local:
         # A local step is committed only once every rank's file and its buddy copy are written, and the
         # never-killed host holds its own ranks plus copies of the other node's: a restart resumes from it.
@@ -166,6 +221,27 @@ def run_row(name: str, failures: list[Failure], url: str, storage_options: dict,
         "worlds": [e["world_size"] for e in starts],
         "progress": [(e["step"], e["_t"]) for e in progress],
         "log": sorted(churn.log + [f"{e['_t'] - t0:6.1f} s  {e['event']} at step {e['step']}, world {e['world_size']}" for e in starts]),
+    }
+
+
+def ft_result(name: str, churn: FtChurn, committed: list[int], t0: float) -> dict:
+    """Surviving steps = the final model's step: the highest step a group alive at the end reached."""
+    live = [a for a in churn.agents if a is churn.host or a is churn.second]
+    final = max((e["step"] for a in live for e in a.snapshot() if e["event"] == "progress"), default=0)
+    final = max(final, committed[-1] if committed else 0)  # progress lines come every 5 steps: a checkpoint can be newer
+    joins = [(a.name, e) for a in churn.agents for e in a.snapshot() if e["event"] in ("started", "resumed", "healed")]
+    quorums = [e["replicas"] for e in churn.host.snapshot() if e["event"] == "quorum"]
+    log = [f"{e['_t'] - t0:6.1f} s  {who}: {e['event']} at step {e['step']}" + (f" from group {e['source_replica']}" if e["event"] == "healed" else "") for who, e in joins]
+    log += [f"{e['_t'] - t0:6.1f} s  group0: quorum of {e['replicas']} group(s) at step {e['step']}" for e in churn.host.snapshot() if e["event"] == "quorum"]
+    return {
+        "name": name,
+        "survived": final,
+        "committed": committed[-1] if committed else 0,
+        "reached": final,
+        "starts": len(joins),
+        "worlds": [2 * r for r in quorums],
+        "progress": [(e["step"], e["_t"]) for e in churn.host.snapshot() if e["event"] == "progress"],
+        "log": sorted(churn.log + log),
     }
 
 
@@ -217,8 +293,14 @@ def main() -> None:
     parser.add_argument("--local-every", type=int, default=5, help="node-local tier cadence in steps (its row)")
     parser.add_argument("--cloud-url", help="checkpoint URL for the cloud rows (default: a bucket on a local moto_server)")
     parser.add_argument("--storage-options", default="{}", help="JSON for --cloud-url")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, from {','.join(ROWS)} (reference is always run: goodput needs it)")
     parser.add_argument("--out", default=None, help="folder for logs (default: a new temp folder)")
     args = parser.parse_args()
+    wanted = {"reference", *args.rows.split(",")}
+    if not wanted <= set(ROWS):
+        parser.error(f"--rows {args.rows!r}: unknown row(s) {sorted(wanted - set(ROWS))}; choose from {','.join(ROWS)}")
+    if "ft" in wanted and args.task != "digits":
+        parser.error("--rows with ft needs --task digits: the replica-group (torchft) mode exists only in examples/train_digits.py")
     out = Path(args.out or tempfile.mkdtemp(prefix="elastic-hsgd-goodput-"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -244,12 +326,16 @@ def main() -> None:
         rows = []
         for name, row_failures, key in [
             ("no failures (reference), cloud checkpoints", [], "reference"),
+            ("torchft replica groups (2 groups x 2 workers) + cloud checkpoints", failures, "ft"),
             ("torchrun restart + cloud checkpoints", failures, "cloud"),
             (f"+ node-local checkpoint tier (every {args.local_every} steps, own folder per agent)", failures, "local"),
         ]:
-            rows.append(run_row(name, row_failures, f"{cloud_base}/{key}", options, args, out / key, local=key == "local"))
+            if key not in wanted:
+                continue
+            rows.append(run_row(name, row_failures, f"{cloud_base}/{key}", options, args, out / key, local=key == "local", ft=key == "ft"))
             r = rows[-1]
-            print(f"{name}: {r['survived']} steps committed, worlds {r['worlds']}", flush=True)
+            extra = f" (final model; {r['committed']} in the checkpoint)" if "committed" in r else " committed"
+            print(f"{name}: {r['survived']} steps{extra}, worlds {r['worlds']}", flush=True)
             for line in r["log"]:
                 print("   ", line)
     finally:
@@ -262,13 +348,18 @@ def main() -> None:
     print(f"{args.task} job, 2 agents x 2 workers on 127.0.0.1, checkpoint every {args.checkpoint_every} steps, "
           f"failure-free {t_step * 1000:.0f} ms/step, {args.wall:g} s wall per row, logs in {out}")
     print()
-    print("| configuration | steps committed | steps reached | (re)starts | world sizes | goodput |")
-    print("|---|---|---|---|---|---|")
+    print("| configuration | steps surviving | steps committed | steps reached | (re)starts | world sizes | goodput |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         goodput = r["survived"] * t_step / args.wall
         worlds = " ".join(str(w) for w in r["worlds"])
-        print(f"| {r['name']} | {r['survived']} | {r['reached']} | {r['starts']} | {worlds} | {goodput:.2f} |")
-    print("| torchft replica groups | not available: the examples' replica-group mode (TORCHFT_LIGHTHOUSE + --replica-group-id) is not on main yet | | | | |")
+        print(f"| {r['name']} | {r['survived']} | {r.get('committed', r['survived'])} | {r['reached']} | {r['starts']} | {worlds} | {goodput:.2f} |")
+    if "ft" not in wanted:
+        print("| torchft replica groups | not run: needs --task digits and ft in --rows | | | | | |")
+    print()
+    print("steps surviving: committed in the newest checkpoint (torchrun rows); the final model's step (replica groups: survivors lose none).")
+    print("(re)starts: started/resumed lines of the first agent; for replica groups, started/resumed/healed lines of every group.")
+    print("world sizes: per (re)start; for replica groups, 2 x the groups in each quorum group 0 saw.")
 
 
 if __name__ == "__main__":
