@@ -219,6 +219,7 @@ def run_row(
         "reached": max((e["step"] for e in progress), default=0),
         "starts": len(starts),
         "worlds": [e["world_size"] for e in starts],
+        "full_world_steps": full_world_steps([(e["step"], e["world_size"]) for e in starts], committed[-1] if committed else 0),
         "progress": [(e["step"], e["_t"]) for e in progress],
         "log": sorted(churn.log + [f"{e['_t'] - t0:6.1f} s  {e['event']} at step {e['step']}, world {e['world_size']}" for e in starts]),
     }
@@ -240,9 +241,30 @@ def ft_result(name: str, churn: FtChurn, committed: list[int], t0: float) -> dic
         "reached": final,
         "starts": len(joins),
         "worlds": [2 * r for r in quorums],
+        # A step taken while a group is away trains 2 workers' batches, not 4: weigh it so.
+        "full_world_steps": full_world_steps([(e["step"], 2 * e["replicas"]) for e in churn.host.snapshot() if e["event"] == "quorum"], final),
         "progress": [(e["step"], e["_t"]) for e in churn.host.snapshot() if e["event"] == "progress"],
         "log": sorted(churn.log + log),
     }
+
+
+def full_world_steps(segments: list[tuple[int, int]], final_step: int, full_world: int = 4) -> float:
+    """Steps up to ``final_step`` weighted by the workers that trained them / ``full_world``
+    (each worker draws its own batch, so a step of 2 workers is half the samples of one of 4).
+
+    ``segments``: (first step, workers) in time order; a later one starting at or before an earlier
+    one's step replaces it from there (a resume from a checkpoint redoes those steps).
+
+    >>> full_world_steps([(0, 4), (100, 2), (150, 4)], 200)
+    175.0
+    >>> full_world_steps([(0, 4), (100, 4), (50, 4)], 80)  # resumed at 50: steps 50..79 once
+    80.0
+    """
+    kept: list[tuple[int, int]] = []
+    for start, workers in segments:
+        kept = [seg for seg in kept if seg[0] < start] + [(start, workers)]
+    bounds = [start for start, _ in kept[1:]] + [final_step]
+    return sum(max(0, min(end, final_step) - start) * workers / full_world for (start, workers), end in zip(kept, bounds))
 
 
 def steady_seconds_per_step(progress: list[tuple[int, float]]) -> float:
@@ -348,18 +370,20 @@ def main() -> None:
     print(f"{args.task} job, 2 agents x 2 workers on 127.0.0.1, checkpoint every {args.checkpoint_every} steps, "
           f"failure-free {t_step * 1000:.0f} ms/step, {args.wall:g} s wall per row, logs in {out}")
     print()
-    print("| configuration | steps surviving | steps committed | steps reached | (re)starts | world sizes | goodput |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | steps surviving | steps committed | steps reached | (re)starts | world sizes | goodput | 4-worker steps | goodput, 4-worker steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         goodput = r["survived"] * t_step / args.wall
         worlds = " ".join(str(w) for w in r["worlds"])
-        print(f"| {r['name']} | {r['survived']} | {r.get('committed', r['survived'])} | {r['reached']} | {r['starts']} | {worlds} | {goodput:.2f} |")
+        print(f"| {r['name']} | {r['survived']} | {r.get('committed', r['survived'])} | {r['reached']} | {r['starts']} | {worlds} | {goodput:.2f} "
+              f"| {r['full_world_steps']:.0f} | {r['full_world_steps'] * t_step / args.wall:.2f} |")
     if "ft" not in wanted:
-        print("| torchft replica groups | not run: needs --task digits and ft in --rows | | | | | |")
+        print("| torchft replica groups | not run: needs --task digits and ft in --rows | | | | | | | |")
     print()
     print("steps surviving: committed in the newest checkpoint (torchrun rows); the final model's step (replica groups: survivors lose none).")
     print("(re)starts: started/resumed lines of the first agent; for replica groups, started/resumed/healed lines of every group.")
     print("world sizes: per (re)start; for replica groups, 2 x the groups in each quorum group 0 saw.")
+    print("4-worker steps: surviving steps weighted by the workers that trained them / 4 (a step of one 2-worker group alone is half the samples).")
 
 
 if __name__ == "__main__":
