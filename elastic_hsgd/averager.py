@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -16,8 +17,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
-from .flat_params import FlatParameterBuffers, average_by_copy, params_to_average
-from .hierarchy import GroupSizeSpec, Level, contiguous_blocks, level_for_step, normalize_config, resolve_levels
+from .flat_params import AveragingInputs, FlatParameterBuffers, average_by_copy
+from .process_groups import agree, release_at_exit, release_group
+from .hierarchy import (
+    GroupSizeSpec,
+    Level,
+    contiguous_blocks,
+    level_for_step,
+    normalize_config,
+    repeated_group_sizes,
+    resolve_levels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +77,13 @@ class HierarchicalModelAverager(ModelAverager):
     #: Elements per all_reduce on CPU; see :meth:`_average`.
     CPU_CHUNK_ELEMENTS = 1 << 22
 
+    _instances: "weakref.WeakSet[HierarchicalModelAverager]" = weakref.WeakSet()
+
+    @classmethod
+    def instances(cls) -> list["HierarchicalModelAverager"]:
+        """Averagers alive in this process (the checkpoint manager warns when a save leaves one out)."""
+        return list(cls._instances)
+
     def __init__(
         self,
         period_group_size_dict: Mapping[int, GroupSizeSpec] | Sequence[tuple[int, GroupSizeSpec]],
@@ -76,6 +93,7 @@ class HierarchicalModelAverager(ModelAverager):
         local_world_size: int | None = None,
     ) -> None:
         super().__init__(process_group)
+        HierarchicalModelAverager._instances.add(self)
         self._config = normalize_config(period_group_size_dict)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(
@@ -92,10 +110,13 @@ class HierarchicalModelAverager(ModelAverager):
         self._local_world_size = local_world_size
         self._owned_groups: list[dist.ProcessGroup] = []
         self._flat = FlatParameterBuffers()
+        self._inputs = AveragingInputs()
+        self._inputs_checked = False
         self.levels: tuple[Level, ...] = ()
         self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
         self.rebuild(process_group)
+        release_at_exit(self.release_groups)
 
     @property
     def config(self) -> tuple[tuple[int, GroupSizeSpec], ...]:
@@ -131,8 +152,7 @@ class HierarchicalModelAverager(ModelAverager):
             levels, error = None, str(exc)
         # "local" can differ between nodes, and a rank that raises alone would
         # leave the others hanging in new_group: agree first, then fail together.
-        outcomes: list[Any] = [None] * world_size
-        dist.all_gather_object(outcomes, (levels, error), group=self.process_group)
+        outcomes = agree((levels, error), self.process_group)
         errors = sorted({e for _, e in outcomes if e is not None})
         if errors:
             raise ValueError(f"hierarchy {dict(self._config)} does not fit world size {world_size}: {errors[0]}")
@@ -157,6 +177,15 @@ class HierarchicalModelAverager(ModelAverager):
                     if my_group_rank in block:
                         by_size[level.group_size] = group
             self.period_process_group_dict[level.period] = by_size[level.group_size]
+        if my_group_rank == 0:
+            for lower, upper in repeated_group_sizes(levels):
+                logger.warning(
+                    "levels %s (period %d) and %s (period %d) both resolve to groups of %d with world size %d "
+                    "(local world size %s): the lower level averages the same group as the upper one, just more "
+                    "often. On one node 'local' is the whole world; use an int group size or run on more nodes.",
+                    dict(self._config)[lower.period], lower.period, dict(self._config)[upper.period], upper.period,
+                    lower.group_size, world_size, local_world_size,
+                )
         logger.info(
             "averaging hierarchy for world size %d: %s (warmup %d steps)",
             world_size,
@@ -164,21 +193,31 @@ class HierarchicalModelAverager(ModelAverager):
             self.warmup_steps,
         )
 
+    def release_groups(self) -> None:
+        """Destroy the subgroups this averager made and forget its groups; it
+        cannot average afterwards (call :meth:`rebuild` to use it again).
+        Done at interpreter exit so gloo's threads are joined in time."""
+        self._destroy_owned_groups()
+        self.period_process_group_dict = OrderedDict()
+        self.levels, self._periods = (), ()
+
     def _destroy_owned_groups(self) -> None:
         for group in self._owned_groups:
-            try:
-                dist.destroy_process_group(group)
-            except (ValueError, RuntimeError, AssertionError):
-                # Already gone with the default group it belonged to.
-                pass
+            release_group(group)
         self._owned_groups = []
 
     def average_parameters(self, params: Iterable[Any]) -> None:
         """Average ``model.parameters()`` or ``optimizer.param_groups`` if this step fires."""
         index = level_for_step(self.step, self.warmup_steps, self._periods)
+        if index is not None or not self._inputs_checked:
+            # Checked at the first call even during warmup, so a wrong input fails early.
+            flat, by_copy = self._inputs.split(params)
+            self._inputs_checked = True
         if index is not None:
             group = self.period_process_group_dict[self.levels[index].period]
-            self._average(params_to_average(params), group)
+            if by_copy:
+                average_by_copy(by_copy, group)
+            self._average(flat, group)
         self.step += 1
 
     def _average(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
