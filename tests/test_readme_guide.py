@@ -48,6 +48,7 @@ def test_guide_loop_runs_as_written_and_resumes(tmp_path):
 
     second = _torchrun(script, url, 40, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "resumed step 20, world size 2 -> 2" in second.stderr
+    # The resume line names the tier it came from (only the cloud tier here).
+    assert "resumed step 20 from cloud, world size 2 -> 2" in second.stderr
     assert Storage(url).committed_steps() == [20, 30, 40]
     assert "terminate called" not in first.stderr + second.stderr
