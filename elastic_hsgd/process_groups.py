@@ -92,4 +92,8 @@ def _release_all() -> None:
         # alive; those that are already garbage let its threads be joined now.
         # (An NCCL default group is left to the script: its teardown is torch's.)
         dist.destroy_process_group()
-        gc.collect()
+    # Unconditionally, also when the script destroyed the default group itself:
+    # groups still held by garbage in reference cycles (a DDP model's reducer,
+    # hook states) are freed now, while their threads can still be joined, not
+    # by the interpreter's final collection during finalization.
+    gc.collect()
