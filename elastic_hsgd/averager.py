@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,17 +19,20 @@ import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
 from . import outer
-from .flat_params import FlatParameterBuffers, average_by_copy, params_to_average
+from .flat_params import LOW_PRECISION, AveragingInputs, FlatParameterBuffers, average_by_copy, pack_by_kind, unpack_by_kind
 from .hierarchy import (
+    REPLICAS,
     GroupSizeSpec,
     Level,
     check_replicas_level,
     contiguous_blocks,
     level_for_step,
     normalize_config,
+    repeated_group_sizes,
     resolve_levels,
 )
 from .outer import OuterOptimizerFactory
+from .process_groups import agree, release_at_exit, release_group
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +147,13 @@ class HierarchicalModelAverager(ModelAverager):
     #: Elements per all_reduce on CPU; see :meth:`_average`.
     CPU_CHUNK_ELEMENTS = 1 << 22
 
+    _instances: "weakref.WeakSet[HierarchicalModelAverager]" = weakref.WeakSet()
+
+    @classmethod
+    def instances(cls) -> list["HierarchicalModelAverager"]:
+        """Averagers alive in this process (the checkpoint manager warns when a save leaves one out)."""
+        return list(cls._instances)
+
     def __init__(
         self,
         period_group_size_dict: Mapping[int, GroupSizeSpec] | Sequence[tuple[int, GroupSizeSpec]],
@@ -159,6 +170,7 @@ class HierarchicalModelAverager(ModelAverager):
         # Same config on every rank, so every rank raises here, before any collective.
         check_replicas_level(config, fault_tolerant=top_level is not None)
         super().__init__(process_group)
+        HierarchicalModelAverager._instances.add(self)
         self._config = config
         self.top_level = top_level
         factories, wire_dtypes = outer.check_level_options(
@@ -199,11 +211,14 @@ class HierarchicalModelAverager(ModelAverager):
         self._local_world_size = local_world_size
         self._owned_groups: list[dist.ProcessGroup] = []
         self._flat = FlatParameterBuffers()
+        self._inputs = AveragingInputs()
+        self._inputs_checked = False
         self.levels: tuple[Level, ...] = ()
         self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
         self.rebuild(process_group)
         self._resync_anchors = False
+        release_at_exit(self.release_groups)
 
     @property
     def config(self) -> tuple[tuple[int, GroupSizeSpec], ...]:
@@ -241,8 +256,7 @@ class HierarchicalModelAverager(ModelAverager):
             levels, error = None, str(exc)
         # "local" can differ between nodes, and a rank that raises alone would
         # leave the others hanging in new_group: agree first, then fail together.
-        outcomes: list[Any] = [None] * world_size
-        dist.all_gather_object(outcomes, (levels, error), group=self.process_group)
+        outcomes = agree((levels, error), self.process_group)
         errors = sorted({e for _, e in outcomes if e is not None})
         if errors:
             raise ValueError(f"hierarchy {dict(self._config)} does not fit world size {world_size}: {errors[0]}")
@@ -267,6 +281,17 @@ class HierarchicalModelAverager(ModelAverager):
                     if my_group_rank in block:
                         by_size[level.group_size] = group
             self.period_process_group_dict[level.period] = by_size[level.group_size]
+        if my_group_rank == 0:
+            for lower, upper in repeated_group_sizes(levels):
+                if dict(self._config)[upper.period] == REPLICAS:
+                    continue  # spans every replica group, beyond this group
+                logger.warning(
+                    "levels %s (period %d) and %s (period %d) both resolve to groups of %d with world size %d "
+                    "(local world size %s): the lower level averages the same group as the upper one, just more "
+                    "often. On one node 'local' is the whole world; use an int group size or run on more nodes.",
+                    dict(self._config)[lower.period], lower.period, dict(self._config)[upper.period], upper.period,
+                    lower.group_size, world_size, local_world_size,
+                )
         logger.info(
             "averaging hierarchy for world size %d: %s (warmup %d steps)",
             world_size,
@@ -274,13 +299,17 @@ class HierarchicalModelAverager(ModelAverager):
             self.warmup_steps,
         )
 
+    def release_groups(self) -> None:
+        """Destroy the subgroups this averager made and forget its groups; it
+        cannot average afterwards (call :meth:`rebuild` to use it again).
+        Done at interpreter exit so gloo's threads are joined in time."""
+        self._destroy_owned_groups()
+        self.period_process_group_dict = OrderedDict()
+        self.levels, self._periods = (), ()
+
     def _destroy_owned_groups(self) -> None:
         for group in self._owned_groups:
-            try:
-                dist.destroy_process_group(group)
-            except (ValueError, RuntimeError, AssertionError):
-                # Already gone with the default group it belonged to.
-                pass
+            release_group(group)
         self._owned_groups = []
 
     def average_parameters(self, params: Iterable[Any]) -> None:
@@ -289,20 +318,31 @@ class HierarchicalModelAverager(ModelAverager):
         start_anchors = bool(self._anchored) and self.step >= self.warmup_steps and (
             not self._anchors_started or self._resync_anchors or self._pending_outer_state is not None
         )
-        if index is not None or start_anchors:
-            selected = params_to_average(params)
+        if index is not None or start_anchors or not self._inputs_checked:
+            # Checked at the first call even during warmup, so a wrong input fails early.
+            flat, by_copy = self._inputs.split(params)
+            self._inputs_checked = True
+            if by_copy and self._anchored:
+                raise ValueError(
+                    f"outer_optimizers/comm_dtypes need parameters that can live in flat buffers (dense, "
+                    f"contiguous); got {len(by_copy)} sparse or non-contiguous parameter(s) (shapes "
+                    f"{[list(p.shape) for p in by_copy[:4]]}): make them contiguous, or configure this "
+                    "hierarchy without outer optimizers and comm dtypes."
+                )
             if start_anchors:
-                self._start_anchors(selected)
+                self._start_anchors(flat)
             if index is not None and self.top_level is not None and index == len(self.levels) - 1:
                 # Step first: a group that heals during this sync adopts this
                 # rank's state, which must already say where training resumes.
                 self.step += 1
                 group = self.period_process_group_dict[self.levels[index].period]
-                if self._average_top(selected, group):
-                    self._reset_anchors_below(self.levels[index].period, selected)
+                if self._average_top(flat, by_copy, group):
+                    self._reset_anchors_below(self.levels[index].period, flat)
                 return
             if index is not None:
-                self._sync_level(index, selected)
+                if by_copy:
+                    average_by_copy(by_copy, self.period_process_group_dict[self.levels[index].period])
+                self._sync_level(index, flat)
         self.step += 1
 
     def _sync_level(self, index: int, params: list[torch.Tensor]) -> None:
@@ -343,22 +383,21 @@ class HierarchicalModelAverager(ModelAverager):
         """
         if self.top_level is None:
             raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
-        return self._average_top(params_to_average(params, with_grad_only=False), self.process_group)
+        flat, by_copy = self._inputs.split(params, with_grad_only=False)
+        return self._average_top(flat, by_copy, self.process_group)
 
-    def _average_top(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+    def _average_top(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        """``flat`` averaged in their buffers, ``by_copy`` through packed copies
+        (16-bit ones in float32), all in one call to the top level."""
         assert self.top_level is not None
-        buffers = self._flat.buffers_for(params)
-        if buffers is not None:
-            return self.top_level.average(buffers, group, self.step)
-        # Parameters that cannot live in a flat buffer: average a flat copy.
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
-        committed = self.top_level.average([flat], group, self.step)
-        if committed:
-            with torch.no_grad():
-                offset = 0
-                for p in params:
-                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                    offset += p.numel()
+        buffers = self._flat.buffers_for(flat) if flat else []
+        assert buffers is not None  # AveragingInputs.split keeps only flattenable ones in flat
+        with torch.no_grad():
+            packed = pack_by_kind(by_copy)
+            committed = self.top_level.average(list(buffers) + [t for _, t in packed], group, self.step)
+            if committed:
+                for members, t in packed:
+                    unpack_by_kind(members, t)
         return committed
 
     def _average(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
@@ -371,11 +410,19 @@ class HierarchicalModelAverager(ModelAverager):
         self._mean_in_place(buffers, group)
 
     def _mean_in_place(self, buffers: list[torch.Tensor], group: dist.ProcessGroup) -> None:
-        """Each buffer := its mean over ``group``, in the buffer's own dtype."""
+        """Each buffer := its mean over ``group`` (16-bit buffers reduced in float32)."""
         size = dist.get_world_size(group)
         pending = []
+        upcast: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             for flat in buffers:
+                if flat.dtype in LOW_PRECISION:
+                    # Summing world-size terms in 16 bits loses what torch's averager
+                    # (which concatenates mixed dtypes in float32) keeps: reduce in
+                    # float32, round once.
+                    wide = flat.float()
+                    upcast.append((flat, wide))
+                    flat = wide
                 if flat.device.type == "cuda":
                     # As torch's averager does: an all_reduce on another stream must
                     # not race the optimizer's kernels still writing this buffer.
@@ -391,6 +438,8 @@ class HierarchicalModelAverager(ModelAverager):
                     pending.append(dist.all_reduce(chunk, group=group, async_op=True))
             for work in pending:
                 work.wait()
+            for narrow, wide in upcast:
+                narrow.copy_(wide)
 
     # -- anchored levels ---------------------------------------------------------------
 

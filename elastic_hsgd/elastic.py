@@ -85,14 +85,39 @@ class PostLocalSGDCounter:
     ``start_localSGD_iter`` is the averager's ``warmup_steps`` by construction,
     and :meth:`state_dict` carries the hook's iteration counter, so a resumed
     job neither repeats warmup nor skips it.
+
+    The hook counts backward passes (up to ``start_localSGD_iter``), the
+    averager counts optimizer steps: they agree only with one backward pass per
+    optimizer step. :meth:`state_dict` and :meth:`load_state_dict` check that
+    they do, so gradient accumulation outside ``ddp.no_sync()`` (which would end
+    the hook's warmup early) is an error at the first save, not a silent drift.
     """
 
     def __init__(self, hook_state: PostLocalSGDState, averager: HierarchicalModelAverager) -> None:
         self.hook_state = hook_state
         self.averager = averager
 
+    def _expected_iter(self, averager_step: int) -> int:
+        return min(averager_step, self.hook_state.start_localSGD_iter)
+
+    def _check(self, hook_iter: int, averager_step: int, when: str) -> None:
+        expected = self._expected_iter(averager_step)
+        if hook_iter != expected:
+            raise ValueError(
+                f"{when}: the post-local-SGD hook counted {hook_iter} backward passes but the averager is at "
+                f"optimizer step {averager_step} (warmup {self.hook_state.start_localSGD_iter}), so the hook "
+                f"expected {expected}. The hook counts backward passes and the averager counts "
+                "average_parameters() calls: accumulate gradients inside `with ddp.no_sync():` for all but the "
+                "last micro-batch, and call average_parameters() once per optimizer step."
+            )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"iter": self.hook_state.iter, "start_localSGD_iter": self.hook_state.start_localSGD_iter}
+        self._check(self.hook_state.iter, self.averager.step, "saving the post-local-SGD counter")
+        return {
+            "iter": self.hook_state.iter,
+            "start_localSGD_iter": self.hook_state.start_localSGD_iter,
+            "averager_step": self.averager.step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["start_localSGD_iter"]) != self.hook_state.start_localSGD_iter:
@@ -101,6 +126,8 @@ class PostLocalSGDCounter:
                 f"{state['start_localSGD_iter']}, this run at {self.hook_state.start_localSGD_iter}: "
                 "use the saved --warmup-steps."
             )
+        if "averager_step" in state:
+            self._check(int(state["iter"]), int(state["averager_step"]), "loading the post-local-SGD counter")
         self.hook_state.iter = int(state["iter"])
 
 
@@ -178,8 +205,25 @@ class Resumed:
     source: str | None = None  # "local", "buddy" or "cloud"; None when nothing was loaded
 
 
-def resume(manager: CheckpointManager, state: dict[str, Any], averager: HierarchicalModelAverager) -> Resumed:
+def resume(
+    manager: CheckpointManager, state: dict[str, Any], averager: HierarchicalModelAverager, *, strict: bool = True
+) -> Resumed:
     """Load the newest checkpoint into ``state`` and log what was resumed. Collective.
+
+    ``Resumed.step`` is the checkpoint's label, the number of optimizer steps
+    done, so the training loop continues with ``range(resumed.step, steps)``;
+    on a fresh start it is 0 and ``previous_world_size`` is ``None``. ``strict``
+    as in :meth:`CheckpointManager.load`.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs torchrun")
+        >>> state = {"model": model, "optimizer": opt, "averager": averager, "post_local_sgd": hook}
+        >>> start = resume(manager, state, averager).step
+        >>> for step in range(start, steps):
+        ...     train_one_step()
+        ...     averager.average_parameters(ddp.parameters())
+        ...     manager.save(step + 1, state)  # label: optimizer steps done
 
     The averager must already be built for the current world: its
     construction (or :meth:`~HierarchicalModelAverager.rebuild`) validated the
@@ -189,7 +233,7 @@ def resume(manager: CheckpointManager, state: dict[str, Any], averager: Hierarch
     averager's step (it counts ``average_parameters`` calls, one per optimizer step).
     """
     generation = next_generation(manager)
-    step = manager.load_latest(state)
+    step = manager.load_latest(state, strict=strict)
     previous = manager.last_loaded.world_size if step is not None and manager.last_loaded is not None else None
     if step is not None and averager.step != step:
         raise ValueError(f"checkpoint step {step} but the averager resumed at step {averager.step}: was it in `state`?")

@@ -11,6 +11,7 @@ parameters' storage, and a cheap pointer check notices when something (``.to``,
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,10 +27,16 @@ def params_to_average(params: Iterable[Any], *, with_grad_only: bool = True) -> 
     ``with_grad_only=False`` takes those that require one instead: a process
     that has not stepped yet (e.g. joining replica groups) has no gradients.
     """
-    selected: list[torch.Tensor] = []
+    return [p for _, p in _indexed_params_to_average(params, with_grad_only=with_grad_only)]
+
+
+def _indexed_params_to_average(params: Iterable[Any], *, with_grad_only: bool = True) -> list[tuple[int, torch.Tensor]]:
+    selected: list[tuple[int, torch.Tensor]] = []
     seen: set[int] = set()
+    position = 0
 
     def take(tensor: Any) -> None:
+        nonlocal position
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(
                 f"cannot average {type(tensor).__name__!r}: pass model.parameters() or "
@@ -38,7 +45,8 @@ def params_to_average(params: Iterable[Any], *, with_grad_only: bool = True) -> 
         wanted = tensor.grad is not None if with_grad_only else tensor.requires_grad
         if wanted and id(tensor) not in seen:
             seen.add(id(tensor))
-            selected.append(tensor)
+            selected.append((position, tensor))
+        position += 1
 
     for item in params:
         if isinstance(item, dict):
@@ -47,6 +55,82 @@ def params_to_average(params: Iterable[Any], *, with_grad_only: bool = True) -> 
         else:
             take(item)
     return selected
+
+
+#: Averaged in float32 and rounded once: summing world-size terms in 16 bits
+#: loses what torch's averager (which concatenates mixed dtypes in float32) keeps.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _describe(position: int, tensor: torch.Tensor) -> str:
+    return f"parameter {position} ({type(tensor).__name__}, shape {list(tensor.shape)}, {tensor.dtype})"
+
+
+class AveragingInputs:
+    """What one averager is given, checked once and split by how to average it.
+
+    - Tensor subclasses (DTensor from FSDP2 / tensor parallel, FSDP1's
+      FlatParameter, others) are refused: they are shards or wrappers, and an
+      all_reduce of their local data is not the average of the model.
+    - Sparse or non-contiguous (e.g. channels_last) parameters cannot be views
+      of a flat buffer; they alone go through the copy path (warned once), the
+      rest stay on the flat path.
+    - float16/bfloat16 parameters keep their own flat buffer, averaged in
+      float32 and rounded once (the averager's ``_mean_in_place``)
+    - An iterable with tensors but no gradients (``model.buffers()``) warns once.
+    """
+
+    def __init__(self) -> None:
+        self._warned_no_grad = False
+        self._warned_odd: set[int] = set()
+
+    def split(
+        self, params: Iterable[Any], *, with_grad_only: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(flat, by_copy)``: parameters for flat buffers, and those averaged by copying.
+
+        ``with_grad_only`` as in :func:`params_to_average`.
+        """
+        given = list(params)
+        selected = _indexed_params_to_average(given, with_grad_only=with_grad_only)
+        for position, tensor in selected:
+            if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+                raise TypeError(
+                    f"cannot average {_describe(position, tensor)}: HierarchicalModelAverager averages the "
+                    "replicated plain-tensor parameters of a DistributedDataParallel model, and a tensor "
+                    "subclass (DTensor of FSDP2 or tensor parallelism, FSDP1's FlatParameter) holds a shard or "
+                    "wrapper whose all_reduce is not the model's average. Wrap the model in "
+                    "DistributedDataParallel instead, or pass only plain-tensor parameters."
+                )
+        if given and not selected and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"average_parameters got {_count(given)} tensors but none has a gradient, so nothing is "
+                "averaged: pass model.parameters() or optimizer.param_groups after backward() (not "
+                "model.buffers() or frozen parameters).",
+                stacklevel=3,
+            )
+        flat, by_copy, odd = [], [], []
+        for position, tensor in selected:
+            if not _flattenable(tensor):
+                by_copy.append(tensor)
+                odd.append((position, tensor))
+            else:
+                flat.append(tensor)
+        fresh = [(i, t) for i, t in odd if id(t) not in self._warned_odd]
+        if fresh:
+            self._warned_odd.update(id(t) for _, t in fresh)
+            warnings.warn(
+                f"{len(fresh)} parameter(s) cannot live in a flat buffer and are averaged by copying on every "
+                f"averaging step: {', '.join(_describe(i, t) + (' sparse' if t.layout != torch.strided else ' non-contiguous') for i, t in fresh[:4])}. "
+                "The other parameters stay on the copy-free path.",
+                stacklevel=3,
+            )
+        return flat, by_copy
+
+
+def _count(given: list[Any]) -> int:
+    return sum(len(item["params"]) if isinstance(item, dict) else 1 for item in given)
 
 
 def _by_kind(params: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
@@ -107,17 +191,45 @@ class FlatParameterBuffers:
         )
 
 
+def pack_by_kind(params: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """One dense flat copy per (device, dtype) of ``params``, 16-bit floats widened
+    to float32: ``(members, copy)`` pairs for :func:`unpack_by_kind`."""
+    packed = []
+    with torch.no_grad():
+        for members in _by_kind(params).values():
+            flat = torch.cat([_dense(p).reshape(-1) for p in members])
+            if flat.dtype in LOW_PRECISION:
+                flat = flat.float()
+            packed.append((members, flat))
+    return packed
+
+
+def unpack_by_kind(members: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Write ``flat`` (from :func:`pack_by_kind`) back into ``members``, keeping their layout and dtype."""
+    offset = 0
+    with torch.no_grad():
+        for p in members:
+            averaged = flat[offset : offset + p.numel()].view(p.shape)
+            if p.layout == torch.strided:
+                p.data.copy_(averaged)
+            elif p.layout == torch.sparse_coo:
+                p.data = averaged.to(p.dtype).to_sparse(layout=p.layout)
+            else:
+                p.data = averaged.to(p.dtype).to_sparse_csr()
+            offset += p.numel()
+
+
 def average_by_copy(params: list[torch.Tensor], group: Any) -> None:
-    """Fallback for parameters that cannot be flattened: coalesce, reduce, copy back."""
+    """For parameters that cannot be flattened: coalesce, reduce, copy back.
+    16-bit floats are reduced in float32 and rounded once."""
     import torch.distributed as dist
 
     size = dist.get_world_size(group)
-    with torch.no_grad():
-        for members in _by_kind(params).values():
-            flat = torch.cat([p.data.reshape(-1) for p in members])
-            flat /= size
-            dist.all_reduce(flat, group=group)
-            offset = 0
-            for p in members:
-                p.data.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+    for members, flat in pack_by_kind(params):
+        flat /= size
+        dist.all_reduce(flat, group=group)
+        unpack_by_kind(members, flat)
+
+
+def _dense(p: torch.Tensor) -> torch.Tensor:
+    return p.data.to_dense() if p.layout != torch.strided else p.data

@@ -171,6 +171,16 @@ def check_replicas_level(config: Sequence[tuple[int, GroupSizeSpec]], fault_tole
         )
 
 
+def repeated_group_sizes(levels: Sequence[Level]) -> list[tuple[Level, Level]]:
+    """Neighbouring levels that resolved to the same group size.
+
+    Valid, but the lower level then averages the same groups as the upper one
+    at a shorter period: e.g. ``{2: "local", 8: "world"}`` on one node, where
+    ``"local"`` is the whole world.
+    """
+    return [(lower, upper) for lower, upper in zip(levels, levels[1:]) if lower.group_size == upper.group_size]
+
+
 def level_for_step(step: int, warmup_steps: int, periods: Sequence[int]) -> int | None:
     """Index of the level that averages at ``step``, or ``None``.
 

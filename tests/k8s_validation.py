@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,17 @@ def _validator() -> jsonschema.protocols.Validator:
 
 def load_documents(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def render_kustomization(directory: Path) -> list[dict]:
+    """``kubectl kustomize DIRECTORY`` (offline) parsed into documents."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise FileNotFoundError("kubectl (with its built-in kustomize) is needed to render deploy/k8s overlays")
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise AssertionError(f"kubectl kustomize {directory} failed: {out.stderr}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def pytorchjobs(documents: list[dict]) -> Iterator[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import free_port
-from tests.k8s_validation import SCHEMA_PATH, load_documents, mutated, pytorch_container, pytorchjobs, validate_pytorchjob
+from tests.k8s_validation import SCHEMA_PATH, mutated, pytorch_container, pytorchjobs, render_kustomization, validate_pytorchjob
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+OVERLAYS = sorted(p for p in (ROOT / "deploy" / "k8s" / "overlays").iterdir() if p.is_dir())
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (built-in kustomize) renders the overlays")
+
+
+def _rendered(overlay: str) -> list[dict]:
+    return render_kustomization(ROOT / "deploy" / "k8s" / "overlays" / overlay)
 
 
 def test_schema_copy_matches_its_source_when_shared_is_present():
@@ -35,17 +41,30 @@ def test_schema_copy_matches_its_source_when_shared_is_present():
     assert json.loads(SCHEMA_PATH.read_text()) == strip(schema)
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_is_valid(path):
-    jobs = list(pytorchjobs(load_documents(path)))
+def test_every_overlay_is_there():
+    assert [p.name for p in OVERLAYS] == ["gcs", "gpu-s3", "s3"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_rendered_overlay_is_valid(overlay):
+    docs = render_kustomization(overlay)
+    jobs = list(pytorchjobs(docs))
     assert len(jobs) == 1
     assert validate_pytorchjob(jobs[0]) == []
+    # The ConfigMap and every reference to it carry the overlay's suffix.
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert config["metadata"]["name"] == jobs[0]["metadata"]["name"] == f"digits-hsgd-{overlay.name}"
+    refs = {v["valueFrom"]["configMapKeyRef"]["name"] for v in pytorch_container(jobs[0])["env"] if "configMapKeyRef" in v.get("valueFrom", {})}
+    assert refs == {config["metadata"]["name"]}
+    assert config["data"]["CHECKPOINT_URL"].startswith("gs://" if overlay.name == "gcs" else "s3://")
 
 
-def _job(name: str = "digits-s3.yaml") -> dict:
-    return next(pytorchjobs(load_documents(ROOT / "deploy" / "k8s" / name)))
+def _job(overlay: str = "s3") -> dict:
+    return next(pytorchjobs(_rendered(overlay)))
 
 
+@needs_kubectl
 @pytest.mark.parametrize(
     "breakage, field",
     [
@@ -65,9 +84,8 @@ def test_broken_copies_are_rejected_naming_the_field(breakage, field):
     assert any(field in p for p in problems), problems
 
 
-def _container_env(job_path: Path, overrides: dict[str, str], secrets: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+def _container_env(docs: list[dict], overrides: dict[str, str], secrets: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The pytorch container's argv and env as the kubelet would make them."""
-    docs = load_documents(job_path)
     config = {k: v for d in docs if d.get("kind") == "ConfigMap" for k, v in d["data"].items()}
     config.update(overrides)
     container = pytorch_container(next(pytorchjobs(docs)))
@@ -114,14 +132,15 @@ def _run_container(argv: list[str], env: dict[str, str], timeout_s: float = 180)
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+@needs_kubectl
 def test_manifest_command_runs_and_checkpoints_land_in_s3(s3_bucket, tmp_path):
     from tests.conftest import s3_options
 
     bucket, options = s3_bucket
-    path = ROOT / "deploy" / "k8s" / "digits-s3.yaml"
-    job = _job(path.name)
+    docs = _rendered("s3")
+    job = next(pytorchjobs(docs))
     overrides = {"CHECKPOINT_URL": f"{bucket}/digits", "STORAGE_OPTIONS": json.dumps({"client_kwargs": options["client_kwargs"]})}
-    argv, env = _container_env(path, overrides, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    argv, env = _container_env(docs, overrides, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     assert "--checkpoint-url=" + overrides["CHECKPOINT_URL"] in argv
     # A short run: later flags override the manifest's (argparse keeps the last).
     short = ["--steps=12", "--checkpoint-every=6", "--warmup-steps=2"]
@@ -145,9 +164,10 @@ def test_manifest_command_runs_and_checkpoints_land_in_s3(s3_bucket, tmp_path):
     assert second[-1]["step"] == 18
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_local_checkpoint_tier_is_a_memory_emptydir_mounted_where_the_flag_points(path):
-    job = next(pytorchjobs(load_documents(path)))
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_local_checkpoint_tier_is_a_memory_emptydir_mounted_where_the_flag_points(overlay):
+    job = next(pytorchjobs(render_kustomization(overlay)))
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     container = pytorch_container(job)
     url = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--local-checkpoint-url="))

@@ -153,3 +153,25 @@ def test_corrupt_or_missing_local_copy_falls_back_to_the_buddy_then_the_cloud(tm
     assert "trying other copies" in text and "using buddy copies" in text
     assert "local tier cannot provide step 15 for every rank" in text
     assert "loading it from the cloud tier" in text
+
+
+def test_close_releases_the_tier_group_once_and_closed_tier_refuses_to_save(tmp_path, single_process_group):
+    import torch
+    import torch.distributed as dist
+
+    from elastic_hsgd import CheckpointManager
+    from elastic_hsgd.checkpoint.storage import CheckpointError
+
+    manager = CheckpointManager(str(tmp_path / "cloud"), local_url=str(tmp_path / "local"), local_every=1)
+    tier = manager.local
+    assert tier is not None and tier._group is not None
+    group = tier._group
+    manager.maybe_save(1, {"model": torch.nn.Linear(2, 2)})
+    manager.close()
+    manager.close()  # idempotent
+    assert tier._group is None and tier._executor is None
+    # Destroyed, so its gloo threads are joined before the interpreter finalizes.
+    assert group not in dist.distributed_c10d._world.pg_map
+    tier.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        tier.save(2, {}, None, None)

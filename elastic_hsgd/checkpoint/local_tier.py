@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..process_groups import release_at_exit, release_group
 from .layout import COMMIT_NAME, CommitRecord, FileEntry, plan_retention, rank_file_name, step_dir_name
 from .state import serialize
 from .storage import CheckpointError, Storage, checksum_of
@@ -248,9 +249,15 @@ class LocalTier:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[None]] | None = None
         self._blob = bytearray()  # the staging buffer, reused while the state's size is unchanged
+        self._closed = False
+        # Its gloo group must be gone before the interpreter finalizes, manager or not
+        # (see elastic_hsgd/process_groups.py); close() is idempotent.
+        release_at_exit(self.close)
 
     def _all_gather(self, obj: Any) -> list[Any]:
         if self._group is None:
+            if self.world_size > 1:
+                raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save or load any more.")
             return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self._group)
@@ -271,6 +278,8 @@ class LocalTier:
         ranks do, so their background collectives stay in step).
         """
         step_dir_name(step)
+        if self._closed:
+            raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
         self.wait()
         chunks = [memoryview(c).cast("B") for c in serialize(payload)]
         size = sum(c.nbytes for c in chunks)
@@ -298,12 +307,19 @@ class LocalTier:
             logger.warning("local checkpoint of step %d at %s failed (the cloud tier is unaffected): %s", step, self.url, exc)
 
     def close(self) -> None:
+        """Wait for the pending save, stop the save thread and release the tier's
+        gloo group (joining its threads). Idempotent; also run at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            release_group(self._group)
+            self._group = None
 
     def _write_copy_commit(self, step: int, blob: bytearray, entries: dict | None, extra: dict | None) -> None:
         started = time.perf_counter()

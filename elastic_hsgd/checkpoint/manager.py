@@ -6,6 +6,7 @@ import atexit
 import json
 import logging
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ from .layout import CommitRecord, FileEntry, plan_retention, rank_file_name, sav
 from .local_tier import LocalTier
 from .state import RNG_KEY, capture, copy_to_cpu, deserialize, restore, serialize
 from .storage import CheckpointError, RetryPolicy, Storage
+from ..process_groups import release_at_exit, release_group
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +150,8 @@ class CheckpointManager:
         # The step this run last loaded or saved: retention supersedes newer ones.
         self._previous: int | None = None
         self.last_source: str | None = None  # where load_latest found it: "local", "buddy" or "cloud"
+        self._warned_no_averager = False
+        self._closed = False
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[None]] | None = None
         # Host buffers of async saves, reused: a save starts only after the previous one finished.
@@ -162,6 +166,7 @@ class CheckpointManager:
         self.local: LocalTier | None = None
         if local_url is not None:
             self.local = LocalTier(local_url, keep=local_keep, storage_options=local_storage_options, timeout=timeout)
+        release_at_exit(self._release_group)  # after the wait below, which atexit runs first
         atexit.register(_wait_at_exit, weakref.ref(self))
 
     # -- collectives -------------------------------------------------------
@@ -174,12 +179,20 @@ class CheckpointManager:
         dist.all_gather_object(out, obj, group=self._group)
         return out
 
-    @staticmethod
-    def _raise_if_any(errors: list[str | None], what: str) -> None:
-        failed = [(rank, e) for rank, e in enumerate(errors) if e]
-        if failed:
-            detail = "; ".join(f"rank {rank}: {e}" for rank, e in failed[:4])
-            raise CheckpointError(f"{what} failed on {len(failed)} rank(s): {detail}")
+    def _raise_if_any(self, errors: list[str | None], what: str) -> None:
+        """Raise the same failure on every rank, its details printed once.
+
+        Rank 0 raises the combined error (each distinct reason with the ranks
+        that hit it); the others raise a short one pointing at rank 0, so a
+        torchrun log holds one copy, not one per rank per rank.
+        """
+        combined = combine_errors(errors, what)
+        if combined is None:
+            return
+        if self.rank == 0:
+            raise CheckpointError(combined)
+        failed = sum(1 for e in errors if e)
+        raise CheckpointError(f"{what} failed on {failed} rank(s); rank 0 reports the reasons")
 
     def _on_rank0(self, what: str, fn: Callable[[], T]) -> T:
         """``fn()`` run on rank 0 and shared; its failure raises on every rank at once."""
@@ -209,6 +222,7 @@ class CheckpointManager:
         :meth:`close` or interpreter exit waits for it and raises if it failed.
         """
         step_dir_name(step)  # validates step before anything is written
+        self._check_open()
         self.wait()
         background = self.async_save if blocking is None else not blocking
         payload = capture(state, include_rng=self.include_rng, stage=False)
@@ -217,6 +231,8 @@ class CheckpointManager:
             payload = copy_to_cpu(payload, self._staging)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()  # the non_blocking copies must land before writing
+        if not any(_is_averager(obj) for obj in state.values()):
+            self._warn_if_averager_left_out(state)
         extra = {"entries": sorted(state)}
         if not background:
             self._write_and_commit(step, payload, entries, extra)
@@ -257,6 +273,22 @@ class CheckpointManager:
     def local_committed_step(self) -> int | None:
         """The newest local step this rank knows committed on every node (``None`` without a local tier)."""
         return None if self.local is None else self.local.committed_step
+    def _warn_if_averager_left_out(self, state_names: Mapping[str, Any]) -> None:
+        # The manager cannot know what the training loop uses; it can see an
+        # averager alive in this process.
+        if self._warned_no_averager or not _live_averager():
+            return
+        self._warned_no_averager = True
+        warnings.warn(
+            f"saving to {self.url} without the averager: a HierarchicalModelAverager exists in this process, but "
+            f"`state` has none (it has {sorted(state_names)}), so a resume would restart its step at 0 and repeat "
+            "warmup. Add it, e.g. state['averager'] = averager.",
+            stacklevel=3,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"checkpoint manager for {self.url} is closed: create a new one to save or load.")
 
     def wait(self) -> None:
         """Block until a pending asynchronous save is committed; raise if it failed."""
@@ -270,6 +302,19 @@ class CheckpointManager:
             raise CheckpointError(f"asynchronous save of step {step} to {self.url} failed: {exc}") from exc
 
     def close(self) -> None:
+        """Wait for a pending save, stop the save thread and release the manager's
+        gloo group. Idempotent; the manager cannot save or load afterwards.
+
+        Called at interpreter exit too. Releasing the group matters there: a
+        gloo worker thread drops its last reference to a finished collective's
+        tensors a moment after the caller saw it complete, and that needs the
+        GIL; if the interpreter is already finalizing, Python ends the thread
+        inside a C++ destructor and the process aborts with "terminate called
+        without an active exception". Destroying the group joins those threads
+        (the GIL released) while the interpreter is still whole.
+        """
+        if self._closed:
+            return
         try:
             self.wait()
         finally:
@@ -278,6 +323,12 @@ class CheckpointManager:
                 self._executor = None
             if self.local is not None:
                 self.local.close()
+            self._release_group()
+            self._closed = True
+
+    def _release_group(self) -> None:
+        release_group(self._group)
+        self._group = None
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -390,23 +441,33 @@ class CheckpointManager:
         failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
         if not failed:
             return
-        detail = "; ".join(f"rank {rank}: {msg}" for rank, (_, msg) in failed[:4])
-        message = f"{what} failed on {len(failed)} rank(s): {detail}"
+        # One copy in a torchrun log: rank 0 gives every reason, the others point to it.
+        message = combine_errors([None if r is None else r[1] for r in reports], what) or ""
+        if self.rank != 0:
+            message = f"{what} failed on {len(failed)} rank(s); rank 0 reports the reasons"
         if all(unusable for _, (unusable, _) in failed):
             raise _Unusable(message)
         raise CheckpointError(message)
 
-    def load(self, step: int, state: MutableMapping[str, Any]) -> int:
-        """Load checkpoint ``step`` into ``state``; return ``step``. Collective; raises if any rank cannot."""
+    def load(self, step: int, state: MutableMapping[str, Any], *, strict: bool = True) -> int:
+        """Load checkpoint ``step`` into ``state``; return ``step``. Collective; raises if any rank cannot.
+
+        With ``strict`` (the default), a checkpoint entry that ``state`` lacks
+        is a ``KeyError`` naming it; ``strict=False`` loads only what ``state`` has.
+        """
+        self._check_open()
         self.wait()
         try:
-            self._load_step(step, state)
+            self._load_step(step, state, strict=strict)
         except _Unusable as exc:
             raise CheckpointError(str(exc)) from None
         return step
 
-    def load_latest(self, state: MutableMapping[str, Any]) -> int | None:
+    def load_latest(self, state: MutableMapping[str, Any], *, strict: bool = True) -> int | None:
         """Load the newest checkpoint that every rank can get and verify; return its step, or ``None`` if there is none.
+
+        The step is the label: the number of optimizer steps done when it was
+        saved, i.e. the next step to run. ``strict`` as in :meth:`load`.
 
         Candidates are the cloud tier's committed steps and, with a local tier,
         the local steps some node holds; the newest wins. A local step is used
@@ -419,13 +480,14 @@ class CheckpointManager:
         silently lose the newer work). Ranks agree on the step;
         :attr:`last_source` says where it came from.
         """
+        self._check_open()
         self.wait()
         candidates = self._on_rank0(f"listing checkpoints at {self.url}", self.storage.committed_steps)
         survey = self.local.survey() if self.local is not None else []
         local_steps = {step for holding in survey for step in holding}
         loaded = None
         for step in sorted(set(candidates) | local_steps, reverse=True):
-            if step in local_steps and self._load_local(step, survey, state):
+            if step in local_steps and self._load_local(step, survey, state, strict):
                 loaded = step
                 break
             if step not in candidates:
@@ -433,16 +495,17 @@ class CheckpointManager:
             if step in local_steps and self.rank == 0:
                 logger.warning("step %d: local tier unusable, loading it from the cloud tier at %s", step, self.url)
             try:
-                self._load_step(step, state)
+                self._load_step(step, state, strict=strict)
                 loaded = step
                 break
             except _Unusable as exc:
-                logger.warning("checkpoint step %d at %s is unusable, falling back to an older one: %s", step, self.url, exc)
+                if self.rank == 0:  # one copy in a torchrun log
+                    logger.warning("checkpoint step %d at %s is unusable, falling back to an older one: %s", step, self.url, exc)
         if self.local is not None:
             self.local.drop_newer_than(loaded)
         return loaded
 
-    def _load_local(self, step: int, survey: list, state: MutableMapping[str, Any]) -> bool:
+    def _load_local(self, step: int, survey: list, state: MutableMapping[str, Any], strict: bool = True) -> bool:
         """Load ``step`` from the local tier if it covers every rank. Collective."""
         assert self.local is not None
 
@@ -461,7 +524,7 @@ class CheckpointManager:
                 raise _Unusable(f"local copy of saved rank {saved_rank} was refused by the safe loader: {exc}") from exc
 
         try:
-            self._load_step(step, state, record=plan.record, fetch=fetch, source=plan.source)
+            self._load_step(step, state, record=plan.record, fetch=fetch, source=plan.source, strict=strict)
         except _Unusable as exc:
             logger.warning("local checkpoint step %d unusable: %s", step, exc)
             return False
@@ -475,6 +538,7 @@ class CheckpointManager:
         record: CommitRecord | None = None,
         fetch: Callable[[int], dict[str, Any]] | None = None,
         source: str = "cloud",
+        strict: bool = True,
     ) -> None:
         """Load ``step``: from the cloud tier, or from ``record`` with ``fetch(saved_rank)`` (the local tier)."""
         where = self.url if source == "cloud" else self.local.url if self.local is not None else "?"
@@ -495,9 +559,9 @@ class CheckpointManager:
             except Exception as exc:  # noqa: BLE001 - agreed below
                 error = exc
             self._agree(error, what)
-            restore(state, payload, restore_rng=True)
+            restore(state, payload, restore_rng=True, strict=strict)
         else:
-            restore(state, self._mean_of_replicas(record, what, fetch_file), restore_rng=False)
+            restore(state, self._mean_of_replicas(record, what, fetch_file), restore_rng=False, strict=strict)
         self.last_loaded = record
         self.last_source = source
         self._previous = step
@@ -572,6 +636,37 @@ def _small_summaries(payload: Mapping[str, Any], names: list[str], limit: int = 
         if len(json.dumps(summary)) <= limit:
             out[name] = summary
     return out
+
+
+def _is_averager(obj: Any) -> bool:
+    from ..averager import HierarchicalModelAverager  # lazily: checkpoint/ does not depend on the averager
+
+    return isinstance(obj, HierarchicalModelAverager)
+
+
+def _live_averager() -> bool:
+    from ..averager import HierarchicalModelAverager
+
+    return bool(HierarchicalModelAverager.instances())
+
+
+def combine_errors(errors: list[str | None], what: str) -> str | None:
+    """One message for every rank's outcome, ``None`` if all succeeded; each
+    distinct reason once, with the ranks that hit it."""
+    by_reason: dict[str, list[int]] = {}
+    for rank, error in enumerate(errors):
+        if error:
+            by_reason.setdefault(error, []).append(rank)
+    if not by_reason:
+        return None
+    failed = sum(len(ranks) for ranks in by_reason.values())
+    parts = [f"{_ranks(ranks)}: {reason}" for reason, ranks in list(by_reason.items())[:4]]
+    more = f"; and {len(by_reason) - 4} more reasons" if len(by_reason) > 4 else ""
+    return f"{what} failed on {failed} of {len(errors)} rank(s): " + "; ".join(parts) + more
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
 
 
 def _wait_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:

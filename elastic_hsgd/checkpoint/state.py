@@ -119,12 +119,26 @@ def deserialize(data: bytearray | memoryview) -> dict[str, Any]:
     return payload
 
 
-def restore(state: MutableMapping[str, Any], payload: Mapping[str, Any], *, restore_rng: bool) -> None:
+def restore(state: MutableMapping[str, Any], payload: Mapping[str, Any], *, restore_rng: bool, strict: bool = True) -> None:
     """Load ``payload`` into ``state``: ``load_state_dict`` where the entry has one,
-    otherwise the saved plain value replaces the entry in the mapping."""
+    otherwise the saved plain value replaces the entry in the mapping.
+
+    Both directions are checked before anything is loaded: an entry of ``state``
+    the checkpoint lacks is an error, and so (unless ``strict=False``) is an
+    entry the checkpoint holds that ``state`` lacks, since silently dropping,
+    e.g., the averager would restart its step and repeat warmup.
+    """
+    saved = sorted(k for k in payload if k != RNG_KEY)
     missing = [name for name in state if name not in payload]
     if missing:
-        raise KeyError(f"checkpoint has no entry for {missing}; it holds {sorted(k for k in payload if k != RNG_KEY)}.")
+        raise KeyError(f"checkpoint has no entry for {missing}; it holds {saved}.")
+    left_out = [name for name in saved if name not in state]
+    if left_out and strict:
+        raise KeyError(
+            f"checkpoint holds {left_out} but `state` has no such entries (it has {sorted(state)}), so they would "
+            "be silently dropped: add them to `state` (e.g. build the averager before loading), or pass "
+            "strict=False to load only the entries `state` has."
+        )
     for name in list(state):
         obj = state[name]
         if _has_state_dict(obj):

@@ -41,6 +41,13 @@ def checksum_of(data: bytes | memoryview) -> str:
     return f"crc32:{zlib.crc32(data):08x}"
 
 
+def _reason(exc: BaseException) -> str:
+    """An OS error's own words (``Permission denied``), not its class and errno tuple."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How every storage call is retried: exponential backoff with full jitter, bounded in time.
@@ -115,21 +122,28 @@ class Storage:
         """Fail now, with the URL in the message, if the root cannot be written and read back."""
         probe = self.path(f".probe-{uuid.uuid4().hex}")
         container = self.root.split("/", 1)[0]
+        advice = "Check the URL, the credentials (storage_options or environment) and write permission."
+        # Object stores' makedirs would create a missing bucket: a typo'd
+        # bucket name must fail here instead. (Local roots start with "/".)
         try:
-            # Object stores' makedirs would create a missing bucket: a typo'd
-            # bucket name must fail here instead. (Local roots start with "/".)
-            if container and not self.exists(container):
-                raise FileNotFoundError(f"bucket or container {container!r} does not exist")
+            missing = bool(container) and not self.exists(container)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint URL {self.url!r} is not reachable: {_reason(exc)}. {advice}") from exc
+        if missing:
+            raise CheckpointError(f"checkpoint URL {self.url!r}: bucket or container {container!r} does not exist. {advice}")
+        try:
             self._call("creating", self.root, lambda: self.fs.makedirs(self.root, exist_ok=True))
             self.write_atomic(probe, b"ok")
-            if self.read_file(probe) != b"ok":
-                raise OSError("probe file read back different bytes")
-            self.rm_file(probe)
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(
-                f"checkpoint URL {self.url!r} is not usable: {exc!r}. Check the URL, that the bucket "
-                "or folder exists, the credentials (storage_options or environment) and write permission."
+                f"checkpoint URL {self.url!r} is not writable: creating a file there failed: {_reason(exc)}. {advice}"
             ) from exc
+        try:
+            if self.read_file(probe) != b"ok":
+                raise OSError("the probe file read back different bytes")
+            self.rm_file(probe)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint URL {self.url!r} does not read back what was written: {_reason(exc)}. {advice}") from exc
 
     # -- writing -----------------------------------------------------------
 
