@@ -81,7 +81,7 @@ class ReplicaGroups:
         # let that finish before the buffers below change.
         manager.wait_quorum()
         healing = bool(getattr(manager, "_healing", False))
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        size = dist.get_world_size(group)
         self._note_quorum(step, size)
 
         staged = []
