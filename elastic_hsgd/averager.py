@@ -169,20 +169,20 @@ class HierarchicalModelAverager(ModelAverager):
         config = normalize_config(period_group_size_dict)
         # Same config on every rank, so every rank raises here, before any collective.
         check_replicas_level(config, fault_tolerant=top_level is not None)
+        factories, wire_dtypes = outer.check_level_options([period for period, _ in config], outer_optimizers, comm_dtypes)
+        top_period = config[-1][0]
+        if top_level is not None and top_period in wire_dtypes:
+            raise ValueError(
+                f"comm_dtypes[{top_period}] is set on the 'replicas' level, which averages through "
+                "torchft's fp32 allreduce: leave it out there (an outer optimizer is fine) and put "
+                "comm_dtypes on the levels inside the replica group."
+            )
+        #: An outer optimizer on the "replicas" level: anchors start at a committed top-level sync.
+        self._top_anchored = top_level is not None and top_period in factories
         super().__init__(process_group)
         HierarchicalModelAverager._instances.add(self)
         self._config = config
         self.top_level = top_level
-        factories, wire_dtypes = outer.check_level_options(
-            [period for period, _ in self._config], outer_optimizers, comm_dtypes
-        )
-        top_period = self._config[-1][0]
-        if top_level is not None and (top_period in factories or top_period in wire_dtypes):
-            raise ValueError(
-                f"the 'replicas' level (period {top_period}) averages through torchft and takes no "
-                "outer optimizer or comm dtype yet: put outer_optimizers/comm_dtypes on the levels "
-                "inside the replica group."
-            )
         #: Levels keeping an anchor, lowest period first; empty: torch's averaging, nothing more.
         self._anchored: list[AnchoredLevel] = [
             AnchoredLevel(period, factories.get(period), wire_dtypes.get(period))
@@ -316,7 +316,9 @@ class HierarchicalModelAverager(ModelAverager):
         """Average ``model.parameters()`` or ``optimizer.param_groups`` if this step fires."""
         index = level_for_step(self.step, self.warmup_steps, self._periods)
         start_anchors = bool(self._anchored) and self.step >= self.warmup_steps and (
-            not self._anchors_started or self._resync_anchors or self._pending_outer_state is not None
+            (not self._anchors_started and not self._top_anchored)
+            or self._resync_anchors
+            or self._pending_outer_state is not None
         )
         if index is not None or start_anchors or not self._inputs_checked:
             # Checked at the first call even during warmup, so a wrong input fails early.
@@ -336,8 +338,7 @@ class HierarchicalModelAverager(ModelAverager):
                 # rank's state, which must already say where training resumes.
                 self.step += 1
                 group = self.period_process_group_dict[self.levels[index].period]
-                if self._average_top(flat, by_copy, group):
-                    self._reset_anchors_below(self.levels[index].period, flat)
+                self._sync_top(flat, by_copy, group)
                 return
             if index is not None:
                 if by_copy:
@@ -349,7 +350,8 @@ class HierarchicalModelAverager(ModelAverager):
         period = self.levels[index].period
         group = self.period_process_group_dict[period]
         anchored = self._anchored_level(period)
-        if anchored is None:
+        if anchored is None or not self._anchors_started:
+            # Not started only below an anchored "replicas" level, until its first committed sync.
             self._average(params, group)
         else:
             self._outer_sync(anchored, params, group)
@@ -384,7 +386,91 @@ class HierarchicalModelAverager(ModelAverager):
         if self.top_level is None:
             raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
         flat, by_copy = self._inputs.split(params, with_grad_only=False)
-        return self._average_top(flat, by_copy, self.process_group)
+        return self._sync_top(flat, by_copy, self.process_group)
+
+    def _sync_top(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        """One sync of the top level (across replica groups); ``True`` if committed."""
+        top_period = self.levels[-1].period
+        anchored = self._anchored_level(top_period) if self._top_anchored else None
+        if anchored is None:
+            committed = self._average_top(flat, by_copy, group)
+        else:
+            if by_copy:
+                raise ValueError(
+                    f"outer_optimizers need parameters that can live in flat buffers; got {len(by_copy)} sparse "
+                    "or non-contiguous parameter(s): make them contiguous."
+                )
+            committed = self._outer_sync_top(anchored, flat, group)
+        if committed and self._anchors_started:
+            buffers = self._flat_buffers(flat)
+            if not self._deltas:
+                self._allocate(buffers)
+            if self._pending_outer_state is not None:
+                # Healed in this sync: the peer's anchors are from before it, like ours were.
+                self._apply_outer_state(self._pending_outer_state)
+                self._pending_outer_state = None
+            self._reset_anchors_below(top_period, flat)
+        return committed
+
+    def _outer_sync_top(self, lv: AnchoredLevel, params: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        """The anchored "replicas" level: an outer step on the pseudo-gradient averaged across groups.
+
+        Which mean a sync carries depends on state every group shares: with anchors
+        started, ``anchor - params`` (the outer step follows); before, the parameters
+        themselves (plain averaging; at or after warmup every anchor then starts at
+        that mean). A group that heals inside the sync contributes nothing and
+        adopts a live peer's state, anchors and outer-optimizer state included,
+        before the result is applied, so it reads the result as its peers do.
+        A discarded sync changes nothing: the next one carries the steps since.
+        """
+        assert self.top_level is not None
+        buffers = self._flat_buffers(params)
+        if not self._deltas:
+            self._allocate(buffers)
+        self._check_layout(buffers)
+        if self._pending_outer_state is not None:
+            self._apply_outer_state(self._pending_outer_state)
+            self._pending_outer_state = None
+        with torch.no_grad():
+            for anchor, flat, delta in zip(lv.anchors, buffers, self._deltas):
+                if self._anchors_started:
+                    delta.copy_(anchor, non_blocking=anchor.device != delta.device)
+                    delta.sub_(flat)
+                else:
+                    delta.copy_(flat)
+            # A heal happens in here: it loads a peer's state into the parameters,
+            # the anchors and the outer optimizer (load_state_dict applies it at once).
+            if not self.top_level.average(list(self._deltas), group, self.step):
+                return False
+            if self._pending_outer_state is not None:
+                self._apply_outer_state(self._pending_outer_state)
+                self._pending_outer_state = None
+            if not self._anchors_started:
+                for flat, mean in zip(buffers, self._deltas):
+                    flat.copy_(mean)
+                if self.step >= self.warmup_steps:
+                    for level in self._anchored:
+                        for anchor, flat in zip(level.anchors, buffers):
+                            anchor.copy_(flat)
+                    self._anchors_started = True
+                    self._resync_anchors = False
+                return True
+            grads = []
+            for anchor, delta, host in zip(lv.anchors, self._deltas, self._host_grads):
+                if anchor.device != delta.device:
+                    host.copy_(delta)
+                    delta = host
+                grads.append(delta)
+            if lv.optimizer is None:
+                for anchor, grad in zip(lv.anchors, grads):
+                    outer.outer_update(anchor, grad, None)
+            else:
+                for anchor, grad in zip(lv.anchors, grads):
+                    anchor.grad = grad
+                outer.outer_step(lv.optimizer, lv.anchors)
+            for anchor, flat in zip(lv.anchors, buffers):
+                flat.copy_(anchor, non_blocking=anchor.device != flat.device)
+        return True
 
     def _average_top(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
         """``flat`` averaged in their buffers, ``by_copy`` through packed copies

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from elastic_hsgd import CheckpointManager
+from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
 from elastic_hsgd.elastic import Resumed, WorkerInfo, init_distributed
 
 
@@ -122,6 +122,34 @@ def params_sha256(model: torch.nn.Module) -> str:
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def outer_state_sha256(averager: HierarchicalModelAverager) -> str | None:
+    """Digest of the averager's anchors and outer-optimizer state (``None`` without anchored levels).
+
+    Equal on two ranks of the same group position means the same anchors and momentum: what
+    a heal must carry for hierarchical DiLoCo to go on as if nothing happened.
+    """
+    outer_state = averager.state_dict().get("outer")
+    if outer_state is None:
+        return None
+    h = hashlib.sha256()
+
+    def feed(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                h.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+        else:
+            h.update(repr(value).encode())
+
+    feed(outer_state)
     return h.hexdigest()
 
 

@@ -42,6 +42,7 @@ from common import (
     emit,
     emit_ft_events,
     init_worker,
+    outer_state_sha256,
     params_sha256,
     parse_hierarchy,
     progress_bar,
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     emit(
         info.rank, event="done", step=averager.step, world_size=info.world_size, loss=None if math.isnan(loss) else round(loss, 6),
         test_accuracy=round(accuracy, 4), params_sha256=params_sha256(model),
+        **({} if averager.state_dict().get("outer") is None else {"outer_sha256": outer_state_sha256(averager)}),
         **({} if top is None else {
             "replica_group": args.replica_group_id, "cross_group_bytes_per_sync": top.cross_group_bytes_last_sync, "model_bytes": top.model_bytes,
         }),

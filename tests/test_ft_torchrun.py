@@ -90,6 +90,42 @@ def test_survivors_keep_training_and_restarted_groups_heal_from_a_peer(tmp_path)
     assert Storage(str(url)).committed_steps()[-1] == 2000
 
 
+def test_outer_nesterov_on_replicas_survives_a_lost_group_and_heals_anchors_and_momentum(tmp_path):
+    """Hierarchical DiLoCo across replica groups: the outer step runs on torchft's top level."""
+    url = tmp_path / "ckpt"
+    args = [
+        *TRAIN, "--outer-levels", "top", "--steps", "1200", "--checkpoint-every", "400", "--step-delay", "0.04",
+        "--checkpoint-url", str(url),
+    ]
+    lighthouse = Lighthouse(tmp_path)
+    groups = [start_group(lighthouse, g, args, tmp_path, f"diloco{g}") for g in range(2)]
+    agents = list(groups)
+    try:
+        for g in groups:
+            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 2, 120, "quorum of 2")
+        # Past warmup and several outer steps: anchors and momentum exist on every rank.
+        groups[1].wait_for(lambda e: e["event"] == "progress" and e["step"] >= 40, 120, "outer steps taken")
+        groups[1].kill()
+        groups[0].wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 1, 60, "quorum of 1")
+        at_kill = max(steps_of(groups[0]))
+        restarted = start_group(lighthouse, 1, args, tmp_path, "diloco1-restarted")
+        agents.append(restarted)
+        healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
+        assert healed["source_replica"] == 0 and healed["step"] > at_kill
+        done = [g.wait_for(lambda e: e["event"] == "done", 300, "done line") for g in (groups[0], restarted)]
+    finally:
+        for agent in agents:
+            agent.stop()
+        lighthouse.stop()
+    assert {d["step"] for d in done} == {1200}
+    # Same parameters, and the same anchors and outer momentum: they travelled with the heal
+    # and every outer step after it was the same step on both groups.
+    assert len({d["params_sha256"] for d in done}) == 1, done
+    assert all(d.get("outer_sha256") for d in done) and len({d["outer_sha256"] for d in done}) == 1, done
+    _never_goes_back(groups[0])
+    assert not [e for e in restarted.snapshot() if e["event"] in ("started", "resumed")]
+
+
 def test_every_group_killed_resumes_from_the_durable_checkpoint(tmp_path):
     url = tmp_path / "ckpt"
     args = [*TRAIN, "--steps", "120", "--checkpoint-every", "20", "--step-delay", "0.03", "--checkpoint-url", str(url)]
