@@ -14,10 +14,18 @@ interleaved in one run:
 and, for anchored global levels (no torch counterpart, so no (b)): a bf16
 level (pseudo-gradient sent as bf16 both ways, summed in fp32; goal c/a <= 0.6;
 its (b) column is its two bf16 all_to_alls alone, without casts or sums, and a
-line below times its passes over memory alone: produce, reduce, consume), an fp32
+line below times its passes over memory alone: produce, reduce, consume, and the
+least any anchored level must do: one pass reading anchor and parameters, one
+writing the parameters), an fp32
 level with an outer Nesterov step, and both.
 
 Prints median milliseconds per call and the ratios c/a and c/b.
+
+On one machine the "link" is loopback, where a transfer is a memory copy on the
+same cores as everything else. ``--link-rate 4gbit`` runs the same measurement
+over a bandwidth-limited link instead: the script re-runs itself in a new network
+namespace whose loopback is shaped by a token bucket (``tc ... tbf``) shared by all
+ranks (needs root and iproute2; the machine's own loopback is untouched).
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ def compressed_passes(n: int, size: int) -> dict[str, callable]:
     ``params := anchor``.
     """
     padded, _ = outer.wire_layout(n, size)
-    chunk = min(padded, max(size, HierarchicalModelAverager.CPU_CHUNK_ELEMENTS // size * size))
+    chunk = min(padded, max(size, HierarchicalModelAverager.CPU_WIRE_CHUNK_ELEMENTS // size * size))
     anchor, params, delta = torch.randn(n) * 0.03, torch.randn(n) * 0.03, torch.empty(n)
     wire, received, mean_out = (torch.zeros(padded, dtype=torch.bfloat16) for _ in range(3))
     total, row = torch.empty(chunk // size), torch.empty(chunk // size)
@@ -105,7 +113,15 @@ def compressed_passes(n: int, size: int) -> dict[str, callable]:
             outer.outer_update(anchor[start:end], delta[start:end], None)
             params[start:end].copy_(anchor[start:end])
 
-    return {"produce": produce, "reduce": reduce, "consume": consume}
+    def least_read() -> None:
+        # The least any anchored level must do before sending: read anchor and parameters once.
+        torch.sub(anchor, params, out=delta)
+
+    def least_write() -> None:
+        # ... and after receiving: write the parameters once.
+        params.copy_(anchor)
+
+    return {"produce": produce, "reduce": reduce, "consume": consume, "least_read": least_read, "least_write": least_write}
 
 
 def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
@@ -179,9 +195,36 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
             + f"; together {passes:.2f} ms = {passes / m['a']:.2f}x (a); "
             f"transfers + passes = {(m['b'] + passes) / m['a']:.2f}x (a), measured (c) = {m['c'] / m['a']:.2f}x (a)"
         )
+        least = m["b"] + m["least_read"] + m["least_write"]
+        print(
+            "bf16 level: least possible here = its transfers + one pass reading anchor and parameters "
+            f"({m['least_read']:.2f} ms) + one pass writing the parameters ({m['least_write']:.2f} ms), "
+            f"all ranks at once = {least:.2f} ms = {least / m['a']:.2f}x (a) (goal <= 0.6x)"
+        )
         reused = all(same for _, _, same in results.values())
         print(f"(c) kept parameters, anchors, outer state and wire buffers in the same storage across all timed calls: {reused}")
     dist.destroy_process_group()
+
+
+SHAPED_LINK_ENV = "ELASTIC_HSGD_BENCH_SHAPED_LINK"
+
+
+def run_over_shaped_link(rate: str) -> None:
+    """Re-run this script in a new network namespace whose loopback carries at most ``rate``."""
+    import shutil
+    import subprocess
+
+    missing = [tool for tool in ("unshare", "ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"--link-rate {rate} needs {missing} (util-linux, iproute2) and root; run without it.")
+    if os.environ.get(SHAPED_LINK_ENV) != rate:
+        env = dict(os.environ, **{SHAPED_LINK_ENV: rate})
+        completed = subprocess.run(["unshare", "-n", sys.executable, *sys.argv], env=env)
+        raise SystemExit(completed.returncode)
+    # Inside the namespace: its own loopback, down until brought up, shaped for every rank at once.
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "4mb", "latency", "500ms"], check=True)
+    print(f"loopback of a new network namespace shaped to {rate} (token bucket), shared by all ranks")
 
 
 def main() -> None:
@@ -189,7 +232,10 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--link-rate", help="e.g. 4gbit: measure over a loopback shaped to this rate (root, iproute2)")
     args = parser.parse_args()
+    if args.link_rate:
+        run_over_shaped_link(args.link_rate)
 
     port = free_port()
     mp.spawn(worker, args=(args.world_size, port, args), nprocs=args.world_size)

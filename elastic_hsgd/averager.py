@@ -146,6 +146,10 @@ class HierarchicalModelAverager(ModelAverager):
 
     #: Elements per all_reduce on CPU; see :meth:`_average`.
     CPU_CHUNK_ELEMENTS = 1 << 22
+    #: Elements per chunk of a compressed level's pipeline on CPU: smaller than the plain
+    #: path's, so that less of the casts and sums sits before the first send or after the
+    #: last receive.
+    CPU_WIRE_CHUNK_ELEMENTS = 1 << 20
 
     _instances: "weakref.WeakSet[HierarchicalModelAverager]" = weakref.WeakSet()
 
@@ -687,7 +691,7 @@ class HierarchicalModelAverager(ModelAverager):
         key = (delta.device, delta.numel(), wire_dtype, size)
         if key not in self._wire:
             padded, _ = outer.wire_layout(delta.numel(), size)
-            chunk = padded if delta.device.type == "cuda" else max(size, self.CPU_CHUNK_ELEMENTS // size * size)
+            chunk = padded if delta.device.type == "cuda" else max(size, self.CPU_WIRE_CHUNK_ELEMENTS // size * size)
             self._wire[key] = (
                 torch.empty(padded, dtype=wire_dtype, device=delta.device),  # my delta, then the gathered mean
                 torch.empty(padded, dtype=wire_dtype, device=delta.device),  # everyone's slice of mine
