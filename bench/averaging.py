@@ -16,8 +16,8 @@ level (pseudo-gradient sent as bf16 both ways, summed in fp32; goal c/a <= 0.6;
 its (b) column is its two bf16 all_to_alls alone, without casts or sums, and a
 line below times its passes over memory alone: produce, reduce, consume, and the
 least any anchored level must do: one pass reading anchor and parameters, one
-writing the parameters), an fp32
-level with an outer Nesterov step, and both.
+writing the parameters), an fp32 level with an outer Nesterov step, both, and an
+int8 level (per-row scales: a quarter of the bytes plus one fp32 scale per 256).
 
 Prints median milliseconds per call and the ratios c/a and c/b.
 
@@ -73,7 +73,7 @@ def storage_pointers(model: torch.nn.Module, averager: HierarchicalModelAverager
     tensors = list(model.parameters()) + list(averager._deltas)
     tensors += [a for lv in averager._anchored for a in lv.anchors]
     tensors += [t for lv in averager._anchored if lv.optimizer for s in lv.optimizer.state.values() for t in s.values()]
-    tensors += [t for wire in averager._wire.values() for t in wire]
+    tensors += [t for wire in averager._wire.values() for t in wire.tensors()]
     return [t.data_ptr() for t in tensors]
 
 
@@ -140,6 +140,7 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
         "bf16 level": (OrderedDict([(1, world_size)]), {"comm_dtypes": {1: torch.bfloat16}}),
         "outer step": (OrderedDict([(1, world_size)]), {"outer_optimizers": {1: nesterov}}),
         "outer + bf16": (OrderedDict([(1, world_size)]), {"outer_optimizers": {1: nesterov}, "comm_dtypes": {1: torch.bfloat16}}),
+        "int8 level": (OrderedDict([(1, world_size)]), {"comm_dtypes": {1: torch.int8}}),
     }
     results = {}
     for name, (hierarchy, options) in cases.items():
@@ -157,7 +158,7 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
             "a": lambda: dist.all_reduce(floor_buffer, group=group),
             "c": lambda: ours.average_parameters(model_ours.parameters()),
         }
-        if "comm_dtypes" in options and "outer_optimizers" not in options:
+        if options.get("comm_dtypes") == {1: torch.bfloat16} and "outer_optimizers" not in options:
             # The bf16 level's transfers alone (two all_to_alls of half the bytes, no casts or sums):
             # separates what the wire costs from what the extra passes over memory cost.
             wire_out, wire_in = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)

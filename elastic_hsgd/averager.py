@@ -50,6 +50,31 @@ class AnchoredLevel:
     optimizer: torch.optim.Optimizer | None = None
 
 
+@dataclass
+class WireBuffers:
+    """A compressed level's buffers for one (device, size, wire dtype, group size), reused every call."""
+
+    wire: torch.Tensor
+    received: torch.Tensor
+    mean_out: torch.Tensor
+    total: torch.Tensor
+    row: torch.Tensor
+    chunk: int
+    wire_scales: torch.Tensor
+    received_scales: torch.Tensor
+    mean_scales: torch.Tensor
+    work: torch.Tensor
+    spare: torch.Tensor
+
+    def scales_of(self, scales: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The int8 scales of wire elements ``[start, stop)`` (whole rows)."""
+        return scales[start // outer.INT8_ROW : stop // outer.INT8_ROW]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.wire, self.received, self.mean_out, self.total, self.row, self.wire_scales,
+                self.received_scales, self.mean_scales, self.work, self.spare]
+
+
 class TopLevel(Protocol):
     """A top level that spans more than this process group (e.g. torchft replica groups).
 
@@ -199,7 +224,7 @@ class HierarchicalModelAverager(ModelAverager):
         self._pending_outer_state: dict[str, Any] | None = None
         self._deltas: list[torch.Tensor] = []  # one per flat buffer, shared by all levels
         self._host_grads: list[torch.Tensor] = []  # mean deltas on anchor_device, when it differs
-        self._wire: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        self._wire: dict[tuple[Any, ...], WireBuffers] = {}
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(
                 f"warmup_steps {warmup_steps!r} must be a non-negative int (0 averages from step 0)."
@@ -669,42 +694,69 @@ class HierarchicalModelAverager(ModelAverager):
         times slower than both together.
         """
         buffers = self._wire_buffers(delta, wire_dtype, group)
-        wire, numel = buffers[0], delta.numel()
+        wire, numel = buffers.wire, delta.numel()
+        int8 = wire_dtype == torch.int8
 
         def produce(start: int, stop: int) -> None:
             end = min(stop, numel)
             if compute_delta:
                 outer.pseudo_gradient(anchor[start:end], flat[start:end], out=delta[start:end])
-            outer.encode(delta[start:end], wire[start:stop])
+            if int8:
+                # Quantized in place when this chunk of delta is fp32 and whole rows (it is scratch now).
+                whole = end == stop and delta.dtype == torch.float32
+                work = delta[start:end] if whole else buffers.work[: stop - start]
+                outer.quantize_int8(
+                    delta[start:end], wire[start:stop], buffers.scales_of(buffers.wire_scales, start, stop),
+                    work, buffers.spare[: stop - start],
+                )
+            else:
+                outer.encode(delta[start:end], wire[start:stop])
 
         def consume(start: int, stop: int) -> None:
             end = min(stop, numel)
-            outer.decode(wire[start:stop], delta[start:end])
+            if int8:
+                outer.decode(wire[start:stop], delta[start:end], buffers.scales_of(buffers.wire_scales, start, stop), buffers.work)
+            else:
+                outer.decode(wire[start:stop], delta[start:end])
             if finish:
                 outer.outer_update(anchor[start:end], delta[start:end], None)
                 flat[start:end].copy_(anchor[start:end])
 
         self._exchange_compressed(buffers, group, produce, consume)
 
-    def _wire_buffers(self, delta: torch.Tensor, wire_dtype: torch.dtype, group: dist.ProcessGroup) -> tuple[Any, ...]:
+    def _wire_buffers(self, delta: torch.Tensor, wire_dtype: torch.dtype, group: dist.ProcessGroup) -> "WireBuffers":
         size = dist.get_world_size(group)
         key = (delta.device, delta.numel(), wire_dtype, size)
         if key not in self._wire:
-            padded, _ = outer.wire_layout(delta.numel(), size)
-            chunk = padded if delta.device.type == "cuda" else max(size, self.CPU_WIRE_CHUNK_ELEMENTS // size * size)
-            self._wire[key] = (
-                torch.empty(padded, dtype=wire_dtype, device=delta.device),  # my delta, then the gathered mean
-                torch.empty(padded, dtype=wire_dtype, device=delta.device),  # everyone's slice of mine
-                torch.empty(padded, dtype=wire_dtype, device=delta.device),  # my slice of the mean, once per rank
-                torch.empty(min(chunk, padded) // size, dtype=torch.float32, device=delta.device),  # fp32 sum
-                torch.empty(min(chunk, padded) // size, dtype=torch.float32, device=delta.device),  # one row, fp32
-                torch.tensor(chunk),
+            padded, _ = outer.wire_layout(delta.numel(), size, wire_dtype)
+            unit = size * (outer.INT8_ROW if wire_dtype == torch.int8 else 1)
+            chunk = padded if delta.device.type == "cuda" else max(unit, self.CPU_WIRE_CHUNK_ELEMENTS // unit * unit)
+            chunk = min(chunk, padded) if padded else unit
+            device = delta.device
+            rows = outer.scale_count(padded, wire_dtype)
+            int8 = wire_dtype == torch.int8
+
+            def fp32(n: int) -> torch.Tensor:
+                return torch.empty(n, dtype=torch.float32, device=device)
+
+            self._wire[key] = WireBuffers(
+                wire=torch.empty(padded, dtype=wire_dtype, device=device),  # my delta, then the gathered mean
+                received=torch.empty(padded, dtype=wire_dtype, device=device),  # everyone's slice of mine
+                mean_out=torch.empty(padded, dtype=wire_dtype, device=device),  # my slice of the mean, once per rank
+                total=fp32(chunk // size),  # fp32 sum of my slice
+                row=fp32(chunk // size),  # one received slice in fp32
+                chunk=chunk,
+                wire_scales=fp32(rows),
+                received_scales=fp32(rows),
+                mean_scales=fp32(rows),
+                work=fp32(chunk if int8 else 0),  # int8: quantization scratch
+                spare=fp32(chunk if int8 else 0),
             )
         return self._wire[key]
 
     def _exchange_compressed(
         self,
-        buffers: tuple[Any, ...],
+        buffers: "WireBuffers",
         group: dist.ProcessGroup,
         produce: Callable[[int, int], None],
         consume: Callable[[int, int], None],
@@ -715,31 +767,51 @@ class HierarchicalModelAverager(ModelAverager):
         all-gather is slower than its all-to-all), over chunks:
         ``produce(start, stop)`` fills a chunk of the wire buffer just before it
         is sent, and ``consume(start, stop)`` reads the chunk's mean as soon as
-        it is back, so the passes over memory overlap the transfers.
+        it is back, so the passes over memory overlap the transfers. int8 rows'
+        scales travel beside their values, in their own all_to_all.
         """
-        wire, received, mean_out, total, row, chunk_t = buffers
+        b = buffers
+        wire, received, mean_out = b.wire, b.received, b.mean_out
         size = dist.get_world_size(group)
-        chunk = int(chunk_t)
-        bounds = [(start, min(start + chunk, wire.numel())) for start in range(0, wire.numel(), chunk)]
+        int8 = wire.dtype == torch.int8
+        bounds = [(start, min(start + b.chunk, wire.numel())) for start in range(0, wire.numel(), b.chunk)]
+
+        def exchange(out: torch.Tensor, inp: torch.Tensor, out_scales: torch.Tensor, in_scales: torch.Tensor, start: int, stop: int) -> list[Any]:
+            if wire.device.type == "cuda":
+                torch.cuda.synchronize(wire.device)
+            works = [dist.all_to_all_single(out[start:stop], inp[start:stop], group=group, async_op=True)]
+            if int8:
+                works.append(dist.all_to_all_single(
+                    b.scales_of(out_scales, start, stop), b.scales_of(in_scales, start, stop), group=group, async_op=True
+                ))
+            return works
+
         scatters = []
         for start, stop in bounds:
             produce(start, stop)
-            if wire.device.type == "cuda":
-                torch.cuda.synchronize(wire.device)
-            scatters.append(dist.all_to_all_single(received[start:stop], wire[start:stop], group=group, async_op=True))
+            scatters.append(exchange(received, wire, b.received_scales, b.wire_scales, start, stop))
         gathers = []
-        for (start, stop), work in zip(bounds, scatters):
-            work.wait()
+        for (start, stop), works in zip(bounds, scatters):
+            for work in works:
+                work.wait()
             per_rank = (stop - start) // size
-            r, m = received[start:stop], mean_out[start:stop]
+            m = mean_out[start:stop]
             mine = m[:per_rank]
-            outer.reduce_slices(r, size, total[:per_rank], mine, row[:per_rank])
+            if int8:
+                m_scales = b.scales_of(b.mean_scales, start, stop)
+                rows = m_scales.numel() // size
+                outer.reduce_slices(
+                    received[start:stop], size, b.total[:per_rank], mine, b.row[:per_rank],
+                    b.scales_of(b.received_scales, start, stop), m_scales[:rows], b.spare[:per_rank],
+                )
+                m_scales.view(size, rows)[1:].copy_(m_scales[:rows].expand(size - 1, rows))
+            else:
+                outer.reduce_slices(received[start:stop], size, b.total[:per_rank], mine, b.row[:per_rank])
             m.view(size, per_rank)[1:].copy_(mine.expand(size - 1, per_rank))
-            if wire.device.type == "cuda":
-                torch.cuda.synchronize(wire.device)
-            gathers.append(dist.all_to_all_single(wire[start:stop], m, group=group, async_op=True))
-        for (start, stop), work in zip(bounds, gathers):
-            work.wait()
+            gathers.append(exchange(wire, mean_out, b.wire_scales, b.mean_scales, start, stop))
+        for (start, stop), works in zip(bounds, gathers):
+            for work in works:
+                work.wait()
             consume(start, stop)
 
     def state_dict(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def checkpoint_manager(args: argparse.Namespace) -> CheckpointManager:
     )
 
 
-WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
 def add_outer_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,8 +87,9 @@ def add_outer_arguments(p: argparse.ArgumentParser) -> None:
     diloco.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (DiLoCo: 0.7)")
     diloco.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD Nesterov momentum (DiLoCo: 0.9)")
     diloco.add_argument(
-        "--comm-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-        help="dtype the top level sends its pseudo-gradient in (summed in fp32); bf16/fp16 halve its bytes",
+        "--comm-dtype", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
+        help="dtype the top level sends its pseudo-gradient in (summed in fp32); bf16/fp16 halve its bytes, "
+        "int8 (per-row scales) quarters them",
     )
     diloco.add_argument(
         "--anchor-device", default=None,

@@ -26,6 +26,7 @@ SCENARIOS = [
     ("three levels, plain middle", {2: 2, 4: 4, 8: "world"}, {2: True, 8: True}, {8: torch.bfloat16}),
     ("compression only", {1: 2, 3: "world"}, {}, {3: torch.float16}),
     ("outer on every level", {2: 2, 6: "world"}, {2: True, 6: True}, {}),
+    ("int8 top, outer below", {2: 2, 4: "world"}, {2: True, 4: True}, {4: torch.int8}),
 ]
 
 
@@ -37,7 +38,7 @@ SCENARIOS = [
     [
         ({3: NESTEROV}, None, ValueError, "period 3, which is not a configured period"),
         (None, {8: torch.bfloat16}, ValueError, "comm_dtypes has period 8"),
-        (None, {4: torch.int8}, ValueError, "supported wire dtypes"),
+        (None, {4: torch.uint8}, ValueError, "supported wire dtypes"),
         (None, {4: torch.float32}, ValueError, "comm_dtypes\\[4\\] is torch.float32"),
         ({4: "sgd"}, None, TypeError, "not a callable"),
     ],
@@ -81,6 +82,52 @@ def test_wire_round_trip_through_the_slices_equals_the_simulation():
     out = torch.empty(numel)
     outer.decode(gathered, out)
     assert torch.equal(out, outer.simulate_compressed_mean(deltas, torch.bfloat16))
+
+
+def test_int8_rows_round_to_within_half_a_step_of_their_own_scale():
+    torch.manual_seed(2)
+    n = 3 * outer.INT8_ROW + 17  # a partial last row
+    x = torch.randn(n) * torch.logspace(-4, 1, n)  # rows of very different magnitudes
+    x[outer.INT8_ROW : 2 * outer.INT8_ROW] = 0.0  # an all-zero row
+    padded, _ = outer.wire_layout(n, 1, torch.int8)
+    assert padded == 4 * outer.INT8_ROW
+    q, scales = torch.empty(padded, dtype=torch.int8), torch.empty(4)
+    outer.encode(x, q, scales)
+    assert torch.equal(q[n:], torch.zeros(padded - n, dtype=torch.int8))  # padding is zero
+    assert scales[1] == 0 and q[outer.INT8_ROW : 2 * outer.INT8_ROW].eq(0).all()
+    assert q.abs().max() == 127  # every nonzero row uses the full range
+    out = torch.empty(n)
+    outer.decode(q, out, scales)
+    step = scales.repeat_interleave(outer.INT8_ROW)[:n]
+    assert (out - x).abs().le(step / 2 + 1e-12).all()
+    assert (out - x).abs().max() > 0  # it is lossy: the bound above is what holds
+
+
+def test_int8_wire_round_trip_through_the_slices_equals_the_simulation():
+    torch.manual_seed(3)
+    n, numel = 3, 2 * outer.INT8_ROW + 5
+    deltas = [torch.randn(numel) * 0.1 for _ in range(n)]
+    padded, per_rank = outer.wire_layout(numel, n, torch.int8)
+    assert (padded, per_rank) == (3 * outer.INT8_ROW, outer.INT8_ROW)  # slices are whole rows
+    rows = outer.scale_count(per_rank, torch.int8)
+    wires = []
+    for d in deltas:
+        w, sc = torch.empty(padded, dtype=torch.int8), torch.empty(outer.scale_count(padded, torch.int8))
+        outer.encode(d, w, sc)
+        wires.append((w, sc))
+    gathered, gathered_scales = torch.empty(padded, dtype=torch.int8), torch.empty(n * rows)
+    for rank in range(n):  # what all_to_all hands rank `rank`: everyone's slice `rank`, values and scales
+        received = torch.cat([w[rank * per_rank : (rank + 1) * per_rank] for w, _ in wires])
+        received_scales = torch.cat([sc[rank * rows : (rank + 1) * rows] for _, sc in wires])
+        total, mine, mine_scales = torch.empty(per_rank), torch.empty(per_rank, dtype=torch.int8), torch.empty(rows)
+        outer.reduce_slices(received, n, total, mine, None, received_scales, mine_scales)
+        gathered[rank * per_rank : (rank + 1) * per_rank] = mine
+        gathered_scales[rank * rows : (rank + 1) * rows] = mine_scales
+    out = torch.empty(numel)
+    outer.decode(gathered, out, gathered_scales)
+    assert torch.equal(out, outer.simulate_compressed_mean(deltas, torch.int8))
+    exact = torch.stack(deltas).mean(0)
+    assert (out - exact).abs().max() < 2 * torch.stack(deltas).abs().max() / 127
 
 
 def test_outer_sgd_lr_one_is_subtracting_the_mean_delta():
@@ -222,7 +269,7 @@ def test_averager_follows_the_documented_semantics():
         expected = reference(config, {p: NESTEROV for p in outers}, wires, warmup, STEPS)
         # Compressed levels: a delta that lands on a rounding boundary may round the other way
         # in the float64 reference; that is one wire ulp of a ~0.1 delta.
-        atol = 1e-3 if wires else 2e-6
+        atol = (1e-2 if torch.int8 in wires.values() else 1e-3) if wires else 2e-6
         for rank in range(WORLD):
             torch.testing.assert_close(results[rank][name], expected[rank], rtol=0, atol=atol, msg=f"{name} rank {rank}")
         top = max(config)
@@ -355,19 +402,20 @@ def test_anchors_and_outer_state_are_averaged_over_the_new_world_after_rebuild()
         assert result["steps"] == 9
 
 
-def test_outer_step_reuses_its_buffers(single_process_group):
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.int8])
+def test_outer_step_reuses_its_buffers(single_process_group, wire):
     params = _model()
     averager = HierarchicalModelAverager(
-        {1: "world"}, outer_optimizers={1: NESTEROV}, comm_dtypes={1: torch.bfloat16}
+        {1: "world"}, outer_optimizers={1: NESTEROV}, comm_dtypes={1: wire}
     )
 
     def pointers():
         level = averager._anchored[0]
-        tensors = [*params, *averager._deltas, *level.anchors, *[t for w in averager._wire.values() for t in w]]
+        tensors = [*params, *averager._deltas, *level.anchors, *[t for w in averager._wire.values() for t in w.tensors()]]
         tensors += [t for s in level.optimizer.state.values() for t in s.values()]
         return [t.data_ptr() for t in tensors]
 
     _run(params, averager, 0, 0, 2)
     before = pointers()
     _run(params, averager, 0, 2, 6)
-    assert pointers() == before and len(before) == 3 + 2 + 2 + 2 * 6 + 2
+    assert pointers() == before and len(before) == 3 + 2 + 2 + 2 * 10 + 2
