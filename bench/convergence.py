@@ -17,7 +17,8 @@ schedule and number of steps for:
     momentum 0.9) on the top level or on both, each with and without bf16 on the top level;
 (i) torchft's ``DiLoCo`` every 64 steps (same outer optimizer, no warmup), each worker its own
     replica group under torchft's real lighthouse and Manager (``bench/torchft_peer.py``);
-(j), (k) (f) and (h) with a milder outer optimizer (lr 1.0, momentum 0.5).
+(j), (k) (f) and (h) with a milder outer optimizer (lr 1.0, momentum 0.5); (l), (m) the same
+    with int8 (per-row scales) instead of bf16 on the top level.
 
 ``--task lm``: 8 workers by default, ``examples/train_lm.py``'s byte-level GPT (0.25 M
 parameters by default, to fit a 2-core machine; ``--width``/``--layers`` for more) on the installed standard library's Python source, validation loss in nats per
@@ -32,7 +33,7 @@ torchft's ``DiLoCo`` every 32 steps as a peer (its recipe, outer lr 0.7 momentum
 The post-local-SGD rows run torch's post-local-SGD hook: global gradient all-reduce for the
 first ``--warmup`` steps, local steps after. Every ``dist.all_reduce`` is counted (bytes per
 rank, by whether its group spans the world), DDP's included (it runs through the equivalent
-allreduce comm hook), and so is every ``dist.all_to_all_single`` of a compressed (bf16) level;
+allreduce comm hook), and so is every ``dist.all_to_all_single`` of a compressed (bf16, int8) level;
 torchft's rows count the bytes its Manager all-reduces. Writes a markdown table and a PNG of the metric versus global bytes.
 """
 
@@ -104,12 +105,16 @@ def digits_rows(world: int) -> list[Row]:
 DILOCO_TOP = 64  # 4x the top period of digits' (c)
 
 
-def outer_kwargs(outer_periods: list[int], bf16: bool, lr: float = 0.7, momentum: float = 0.9, top: int = DILOCO_TOP) -> Callable[[list], dict]:
-    """Averager arguments for hierarchical DiLoCo: outer Nesterov SGD on ``outer_periods``, bf16 on level ``top``."""
+def outer_kwargs(
+    outer_periods: list[int], wire_dtype: bool | torch.dtype, lr: float = 0.7, momentum: float = 0.9, top: int = DILOCO_TOP
+) -> Callable[[list], dict]:
+    """Averager arguments for hierarchical DiLoCo: outer Nesterov SGD on ``outer_periods``, and level
+    ``top``'s pseudo-gradient sent in ``wire_dtype`` (``True``: bf16; ``False``: fp32)."""
     import functools
 
     nesterov = functools.partial(torch.optim.SGD, lr=lr, momentum=momentum, nesterov=True)
-    wire = {top: torch.bfloat16} if bf16 else {}
+    dtype = torch.bfloat16 if wire_dtype is True else wire_dtype
+    wire = {top: dtype} if dtype else {}
     return lambda params: {"outer_optimizers": {p: nesterov for p in outer_periods}, "comm_dtypes": wire}
 
 
@@ -126,6 +131,8 @@ def diloco_rows() -> list[Row]:
         # A milder outer optimizer, found by a 4-setting sweep on seeds 0-1.
         Row(f"(j) DiLoCo top {name}, bf16, outer lr 1.0 m 0.5", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(top, True, 1.0, 0.5)),
         Row(f"(k) DiLoCo every level {name}, bf16, outer lr 1.0 m 0.5", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(both, True, 1.0, 0.5)),
+        Row(f"(l) DiLoCo top {name}, int8, outer lr 1.0 m 0.5", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(top, torch.int8, 1.0, 0.5)),
+        Row(f"(m) DiLoCo every level {name}, int8, outer lr 1.0 m 0.5", "hierarchical", hierarchy=h, averager_kwargs=outer_kwargs(both, torch.int8, 1.0, 0.5)),
     ]
 
 
@@ -420,7 +427,10 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = [("-", "o"), ("-", "s"), ("-", "^"), ("--", "x"), (":", "D"), ("-", "v"), ("-.", "P")]  # digits (c) and (d) coincide at 4 workers
+    # Every row gets a line: digits (c) and (d) coincide at 4 workers, hence the dashes.
+    markers = ["o", "s", "^", "x", "D", "v", "P", "*", "h", "<", ">", "d", "p"]
+    linestyles = ["-", "-", "-", "--", ":", "-", "-.", "-", ":", "--", "-", "-.", ":"]
+    styles = [(linestyles[i % len(linestyles)], markers[i % len(markers)]) for i in range(len(rows))]
     for row, (line, marker) in zip(rows, styles):
         rs = [r for r in runs if r["name"] == row.name]
         if not rs:
@@ -437,7 +447,7 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(80, 100)
         ax.set_title(f"digits, {args.world_size} workers: accuracy vs global traffic (mean of {len(args.seeds)} seeds)")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="lower right", fontsize=6, ncol=2)
     else:
         ax.set_ylabel("validation loss (nats per byte)")
         ax.set_title(f"byte-level GPT, {args.world_size} workers: val loss vs global traffic (mean of {len(args.seeds)} seeds)", fontsize=10)
