@@ -9,7 +9,7 @@
    parameters with their rank, and after a global step every parameter must
    equal the mean (1.5); cost against a bare gloo all_reduce of the same bytes.
 
-Each for plain averaging, a bf16 level, and a bf16 level with an outer
+Each for plain averaging, a bf16 level, an int8 level, and a bf16 level with an outer
 Nesterov step and anchors in pinned host memory (``anchor_device="cpu"``).
 Prints median ms per call and the ratio ours / bare. Exits 0 with a message
 where CUDA is absent.
@@ -66,6 +66,7 @@ def compare(model, averager, iters: int) -> tuple[float, float]:
 VARIANTS = {
     "plain": {},
     "bf16 level": {"comm_dtypes": {1: torch.bfloat16}},
+    "int8 level": {"comm_dtypes": {1: torch.int8}},
     "bf16 + outer Nesterov, anchors on host": {
         "comm_dtypes": {1: torch.bfloat16},
         "outer_optimizers": {1: functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)},

@@ -129,7 +129,7 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, wo
         out.copy_(q)
         out.view(rows, INT8_ROW).mul_(scales[:rows].unsqueeze(1))
         return
-    values = work[: rows * INT8_ROW] if work is not None else torch.empty(rows * INT8_ROW)
+    values = work[: rows * INT8_ROW] if work is not None else torch.empty(rows * INT8_ROW, device=q.device)
     values.copy_(q)
     values.view(rows, INT8_ROW).mul_(scales[:rows].unsqueeze(1))
     out.copy_(values[:numel])
@@ -150,8 +150,8 @@ def encode(
     numel = delta.numel()
     if wire.dtype == torch.int8:
         assert scales is not None
-        work = torch.empty(wire.numel()) if work is None else work
-        spare = torch.empty(wire.numel()) if spare is None else spare
+        work = torch.empty(wire.numel(), device=wire.device) if work is None else work
+        spare = torch.empty(wire.numel(), device=wire.device) if spare is None else spare
         quantize_int8(delta, wire, scales, work, spare)
         return
     wire[:numel].copy_(delta)
