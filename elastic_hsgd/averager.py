@@ -431,13 +431,9 @@ class HierarchicalModelAverager(ModelAverager):
                 )
             committed = self._outer_sync_top(anchored, flat, group)
         if committed and self._anchors_started:
-            buffers = self._flat_buffers(flat)
-            if not self._deltas:
-                self._allocate(buffers)
-            if self._pending_outer_state is not None:
-                # Healed in this sync: the peer's anchors are from before it, like ours were.
-                self._apply_outer_state(self._pending_outer_state)
-                self._pending_outer_state = None
+            # Healed in this sync: the peer's anchors (applied here if still pending) are from
+            # before it, like ours were; lower levels take the new parameters either way.
+            self._anchor_ready_buffers(flat)
             self._reset_anchors_below(top_period, flat)
         return committed
 
@@ -453,13 +449,7 @@ class HierarchicalModelAverager(ModelAverager):
         A discarded sync changes nothing: the next one carries the steps since.
         """
         assert self.top_level is not None
-        buffers = self._flat_buffers(params)
-        if not self._deltas:
-            self._allocate(buffers)
-        self._check_layout(buffers)
-        if self._pending_outer_state is not None:
-            self._apply_outer_state(self._pending_outer_state)
-            self._pending_outer_state = None
+        buffers = self._anchor_ready_buffers(params)
         with torch.no_grad():
             for anchor, flat, delta in zip(lv.anchors, buffers, self._deltas):
                 if self._anchors_started:
@@ -568,13 +558,8 @@ class HierarchicalModelAverager(ModelAverager):
             )
         return buffers
 
-    def _start_anchors(self, params: list[torch.Tensor]) -> None:
-        """Anchors := mean of the parameters over the whole group (collective, once).
-
-        After a membership change (:meth:`rebuild`, or a checkpoint from another
-        world size) the existing anchors and outer-optimizer state are averaged
-        over the new world instead, so every rank agrees on them.
-        """
+    def _anchor_ready_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The flat buffers of ``params``, with anchors allocated and any loaded outer state applied."""
         buffers = self._flat_buffers(params)
         if not self._deltas:
             self._allocate(buffers)
@@ -582,6 +567,16 @@ class HierarchicalModelAverager(ModelAverager):
         if self._pending_outer_state is not None:
             self._apply_outer_state(self._pending_outer_state)
             self._pending_outer_state = None
+        return buffers
+
+    def _start_anchors(self, params: list[torch.Tensor]) -> None:
+        """Anchors := mean of the parameters over the whole group (collective, once).
+
+        After a membership change (:meth:`rebuild`, or a checkpoint from another
+        world size) the existing anchors and outer-optimizer state are averaged
+        over the new world instead, so every rank agrees on them.
+        """
+        buffers = self._anchor_ready_buffers(params)
         with torch.no_grad():
             if not self._anchors_started:
                 for delta, flat in zip(self._deltas, buffers):
