@@ -175,3 +175,42 @@ def test_close_releases_the_tier_group_once_and_closed_tier_refuses_to_save(tmp_
     tier.close()
     with pytest.raises(CheckpointError, match="closed"):
         tier.save(2, {}, None, None)
+
+
+def _storage_failure_worker(rank: int, world_size: int, root: str) -> dict:
+    import os
+
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+    from elastic_hsgd.checkpoint.layout import step_dir_name
+
+    os.environ["GROUP_RANK"] = str(rank)  # one rank per "node"
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("elastic_hsgd").addHandler(Collect())
+    node_url = f"{root}/node{rank}"
+    manager = CheckpointManager(f"{root}/cloud", local_url=node_url, local_every=5)
+    state = {"model": torch.nn.Linear(3, 2)}
+    outcome = {}
+    for step in (5, 10, 15):
+        if step == 10 and rank == 1:  # a file where node 1's step-10 folder goes: every write there fails
+            with open(f"{node_url}/{step_dir_name(10)}", "w") as f:
+                f.write("in the way")
+        manager.maybe_save(step, state)
+        manager.local.wait()  # an agreed storage failure is logged, not raised
+        outcome[step] = manager.local_committed_step
+    manager.close()
+    return {"committed": outcome, "warnings": warnings}
+
+
+def test_a_storage_failure_every_rank_agrees_on_is_logged_and_the_tier_saves_on(tmp_path):
+    results = run_workers(_storage_failure_worker, 2, str(tmp_path))
+    for r in results:
+        assert r["committed"] == {5: 5, 10: 5, 15: 15}, r
+        assert any("local checkpoint of step 10" in w and "the cloud tier is unaffected" in w for w in r["warnings"]), r["warnings"]

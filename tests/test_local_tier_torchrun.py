@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,4 +106,78 @@ def test_lost_node_resumes_from_buddy_copies_and_a_new_node_grows_back_from_the_
     # The joining node's folder is empty: its ranks' state is sent over from the survivors.
     assert grown["previous_world_size"] == 2 and grown["source"] == "buddy", grown
     assert grown["step"] % LOCAL_EVERY == 0 and grown["step"] > shrunk["step"]
+    assert done["step"] == steps and done["world_size"] == 4
+
+
+def test_node_lost_mid_local_save_stops_the_survivors_at_the_next_save_and_a_joining_node_takes_rank_0(tmp_path):
+    """The goodput benchmark's path: a node dies while a local save is in flight, then a new node joins and
+    the rendezvous gives *it* ranks 0-1 (agents are ordered by address, then pid: a wrapped pid does this
+    by chance, ``--local-addr`` here for certain), so the survivor's ranks become 2-3 on a node id of 1.
+
+    The kill lands mid-save for certain: the leaving node's first local write of step 40 parks after one
+    chunk and says so with a marker. The survivors' background save then fails in the tier's collectives,
+    and they must stop at their next save rather than train on unprotected until something of training's
+    notices (here nothing would before step 100: gradients stay local after warmup, the world level averages
+    every 100 steps, the cloud tier saves at the end). The world of 2 resumes from step 35, the newest step
+    committed everywhere (the interrupted 40 is not), from the buddy copies of the lost node's ranks.
+    """
+    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, SITECUSTOMIZE
+
+    port, steps, blocked = free_port(), 200, 40
+    marker = tmp_path / "leaving-mid-save"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    repo = str(Path(__file__).resolve().parent.parent)
+    blocking = {
+        "PYTHONPATH": os.pathsep.join([str(site), repo, os.environ.get("PYTHONPATH", "")]),
+        BLOCK_MATCH_ENV: f"local-leaving/step_{blocked:012d}/rank_", BLOCK_MARKER_ENV: str(marker),
+    }
+
+    def args(local_url: str) -> list[str]:
+        return [
+            "--steps", str(steps), "--checkpoint-every", "1000", "--local-checkpoint-every", str(LOCAL_EVERY),
+            "--warmup-steps", "10", "--hierarchy", "2:local,100:world", "--log-every", "1", "--step-delay", "0.02",
+            "--collective-timeout", "15", "--checkpoint-url", str(tmp_path / "cloud"), "--local-checkpoint-url", local_url,
+        ]
+
+    def torchrun(local_addr: str) -> list[str]:
+        # The rendezvous orders agents by (address, pid): 127.0.0.1 < 127.0.0.2 < localhost, whatever the pids.
+        return [
+            "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=peer-lost", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
+            f"--local-addr={local_addr}",
+        ]
+
+    host = Agent(torchrun("127.0.0.2"), args(str(tmp_path / "local-host")), tmp_path, "host")
+    agents = [host]
+    try:
+        _wait_port(port, host)
+        leaving = Agent(torchrun("localhost"), args(f"blockingfile://{tmp_path / 'local-leaving'}"), tmp_path, "leaving", env=blocking)
+        agents.append(leaving)
+        host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 90, "world of 4")
+        end = time.monotonic() + 90
+        while not marker.exists():
+            assert time.monotonic() < end and leaving.proc.poll() is None, f"the leaving node never started its local save of step {blocked}: {leaving.stderr_tail()}"
+            time.sleep(0.01)
+        assert int(marker.read_text()) in leaving.worker_pids()
+        leaving.kill()
+        shrunk = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 2, 120, "world of 2")
+        stopped_at = max(e["step"] for e in host.snapshot() if e["event"] == "progress" and e["world_size"] == 4)
+        host.wait_for(lambda e: e["event"] == "local_checkpoint" and (e["committed"] or 0) > shrunk["step"], 60, "a local checkpoint at world 2")
+        joining = Agent(torchrun("127.0.0.1"), args(str(tmp_path / "local-joining")), tmp_path, "joining")
+        agents.append(joining)
+        # Rank 0, and with it every JSON line, now lives on the joining node.
+        grown = joining.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 4, 120, "world of 4 again, on the joining node")
+        done = joining.wait_for(lambda e: e["event"] == "done", 120, "done line")
+    finally:
+        for agent in agents:
+            agent.stop()
+
+    assert stopped_at < blocked + LOCAL_EVERY, f"survivors trained on to step {stopped_at} after their local save of {blocked} failed"
+    assert "a collective of the local tier failed" in host.stderr_tail(1_000_000)
+    assert shrunk["previous_world_size"] == 4 and shrunk["source"] == "buddy" and shrunk["step"] == blocked - LOCAL_EVERY, shrunk
+    assert {e["rank"] for e in host.snapshot() if e["event"] == "worker" and e["world_size"] == 4 and e["_t"] > shrunk["_t"]} == {2, 3}
+    # The joining node's folder is empty and the survivor is no longer rank 0: its copies are sent over.
+    assert grown["previous_world_size"] == 2 and grown["source"] == "buddy" and grown["step"] > shrunk["step"], grown
     assert done["step"] == steps and done["world_size"] == 4

@@ -19,6 +19,14 @@ Saving blocks only for the staging copy (the encoded state into a reused host
 buffer); writing, the transfer to the buddy (gloo send/recv on the tier's own
 group) and the commit run in a background thread.
 
+Two kinds of failed save. A storage failure (a write, a checksum) is agreed by
+every rank over the tier's group, which stays usable: it is logged and training
+goes on (the cloud tier is unaffected). A failed collective (a peer died or
+timed out) leaves the group unusable and the world short of a member: the next
+save, :meth:`LocalTier.wait` or load raises :class:`PeerLost`, so the worker
+exits and torchelastic restarts the world, which resumes from the newest step
+committed everywhere (the interrupted one never is).
+
 Loading is planned from what every rank reports (:func:`plan_load`, pure): the
 newest step for which each rank the new world needs can be read from its own
 node's folder (``"local"``) or from a copy held elsewhere, sent over the tier's
@@ -197,6 +205,11 @@ def _reads_for(step, saved_world, nodes, ranks_on, by_node, needed, exclude) -> 
 # -- the tier ------------------------------------------------------------------
 
 
+class PeerLost(CheckpointError):
+    """A collective of the local tier failed: a peer died or timed out, and the
+    tier's group is unusable. Let it end the worker, so torchelastic restarts the world."""
+
+
 def node_from_env() -> int:
     """This process's node: torchrun's ``GROUP_RANK`` (one per agent), 0 without it."""
     value = os.environ.get("GROUP_RANK", "")
@@ -226,6 +239,7 @@ class LocalTier:
         self.keep = keep
         self.storage = Storage(url, storage_options)
         node = node_from_env() if node is None else node
+        self._lost: PeerLost | None = None  # set once a collective failed: the group is unusable from then on
         if dist.is_available() and dist.is_initialized():
             # Its own group: saves run collectives and send/recv from a background
             # thread, which must never interleave with the cloud tier's or training's.
@@ -255,6 +269,7 @@ class LocalTier:
         release_at_exit(self.close)
 
     def _all_gather(self, obj: Any) -> list[Any]:
+        self._raise_if_lost()
         if self._group is None:
             if self.world_size > 1:
                 raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save or load any more.")
@@ -281,6 +296,7 @@ class LocalTier:
         if self._closed:
             raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
         self.wait()
+        self._raise_if_lost()
         chunks = [memoryview(c).cast("B") for c in serialize(payload)]
         size = sum(c.nbytes for c in chunks)
         if len(self._blob) != size:
@@ -295,25 +311,45 @@ class LocalTier:
         self._pending = (step, self._executor.submit(self._write_copy_commit, step, self._blob, entries, extra))
 
     def wait(self) -> None:
-        """Block until the pending local save finished. A failed one is logged, not raised:
-        the local tier only shortens recovery, and the cloud tier is unaffected."""
+        """Block until the pending local save finished.
+
+        A save every rank agreed failed (storage) is logged, not raised: the
+        local tier only shortens recovery, and the cloud tier is unaffected. A
+        save whose collective failed raises :class:`PeerLost`: a peer is gone
+        (or hung) and training on would only run further from the last
+        committed step, unprotected; exiting lets torchelastic re-form the world.
+        """
         if self._pending is None:
             return
         step, future = self._pending
         self._pending = None
         try:
             future.result()
-        except Exception as exc:  # noqa: BLE001
+        except CheckpointError as exc:
             logger.warning("local checkpoint of step %d at %s failed (the cloud tier is unaffected): %s", step, self.url, exc)
+        except Exception as exc:  # noqa: BLE001 - a collective of the tier's group failed
+            self._lost = PeerLost(
+                f"local checkpoint of step {step} at {self.url} not committed: a collective of the local tier failed "
+                f"({type(exc).__name__}: {exc}). A peer died or timed out, so this worker stops for torchelastic to "
+                f"restart the world; it resumes from local step {self.committed_step} or newer (committed everywhere)."
+            )
+            raise self._lost from exc
+
+    def _raise_if_lost(self) -> None:
+        if self._lost is not None:
+            raise PeerLost(str(self._lost))
 
     def close(self) -> None:
         """Wait for the pending save, stop the save thread and release the tier's
-        gloo group (joining its threads). Idempotent; also run at interpreter exit."""
+        gloo group (joining its threads). Idempotent; also run at interpreter exit,
+        so a lost peer is logged here, not raised."""
         if self._closed:
             return
         self._closed = True
         try:
             self.wait()
+        except PeerLost as exc:
+            logger.warning("%s", exc)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
