@@ -206,7 +206,10 @@ def run_row(
     committed = Storage(url, storage_options).committed_steps()
     if ft:
         return ft_result(name, churn, committed, t0)
-    events = churn.host.snapshot()
+    # Rank 0 prints the JSON lines, on whichever agent the rendezvous ordered first (by address, then pid:
+    # a new agent whose pid wrapped around takes ranks 0-1 from the survivor), so every agent's are read.
+    sources = sorted(((e, agent.name) for agent in churn.agents for e in agent.snapshot()), key=lambda pair: pair[0]["_t"])
+    events = [e for e, _ in sources]
     if local:
         # A local step is committed only once every rank's file and its buddy copy are written, and the
         # never-killed host holds its own ranks plus copies of the other node's: a restart resumes from it.
@@ -221,7 +224,11 @@ def run_row(
         "worlds": [e["world_size"] for e in starts],
         "full_world_steps": full_world_steps([(e["step"], e["world_size"]) for e in starts], committed[-1] if committed else 0),
         "progress": [(e["step"], e["_t"]) for e in progress],
-        "log": sorted(churn.log + [f"{e['_t'] - t0:6.1f} s  {e['event']} at step {e['step']}, world {e['world_size']}" for e in starts]),
+        "log": sorted(churn.log + [
+            f"{e['_t'] - t0:6.1f} s  {e['event']} at step {e['step']}, world {e['world_size']}"
+            + (f", from {e['source']}" if e.get("source") else "") + f" (rank 0 on {name})"
+            for e, name in sources if e["event"] in ("started", "resumed")
+        ]),
     }
 
 
@@ -381,7 +388,7 @@ def main() -> None:
         print("| torchft replica groups | not run: needs --task digits and ft in --rows | | | | | | | |")
     print()
     print("steps surviving: committed in the newest checkpoint (torchrun rows); the final model's step (replica groups: survivors lose none).")
-    print("(re)starts: started/resumed lines of the first agent; for replica groups, started/resumed/healed lines of every group.")
+    print("(re)starts: started/resumed lines of rank 0 (on whichever agent holds it); for replica groups, started/resumed/healed lines of every group.")
     print("world sizes: per (re)start; for replica groups, 2 x the groups in each quorum group 0 saw.")
     print("4-worker steps: surviving steps weighted by the workers that trained them / 4 (a step of one 2-worker group alone is half the samples).")
 
