@@ -77,7 +77,10 @@ def test_lost_node_resumes_from_buddy_copies_and_a_new_node_grows_back_from_the_
         "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
         "--rdzv-id=local-tier", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
     ]
-    host = Agent(torchrun, args("host"), tmp_path, "host")
+    # The rendezvous orders agents by (address, pid): pinning the host's address first keeps rank 0, and
+    # the JSON lines read below, on the host even when a later agent's pid has wrapped around.
+    host = Agent([*torchrun, "--local-addr=127.0.0.1"], args("host"), tmp_path, "host")
+    torchrun.append("--local-addr=localhost")
     agents = [host]
     try:
         _wait_port(port, host)

@@ -331,7 +331,7 @@ class LocalTier:
             self._lost = PeerLost(
                 f"local checkpoint of step {step} at {self.url} not committed: a collective of the local tier failed "
                 f"({type(exc).__name__}: {exc}). A peer died or timed out, so this worker stops for torchelastic to "
-                f"restart the world; it resumes from local step {self.committed_step} or newer (committed everywhere)."
+                f"restart the world (the newest local step committed everywhere is {self.committed_step})."
             )
             raise self._lost from exc
 
