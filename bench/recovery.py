@@ -77,7 +77,10 @@ def lost_node(out: Path, tier: list[str], name: str) -> tuple:
         local = ["--local-checkpoint-url", str(out / f"{name}-local-{node}")] if tier else []
         return [*TRAIN, *tier, *local, "--hierarchy", "2:local,8:world", "--checkpoint-url", str(out / name)]
 
-    host = Agent(torchrun, args("host"), out, f"{name}-host")
+    # Agents are ordered by (address, pid): the host's address sorts first, so rank 0 (whose lines
+    # are read) stays on the host even if the other agent's pid wrapped around below it.
+    host = Agent([*torchrun, "--local-addr=127.0.0.1"], args("host"), out, f"{name}-host")
+    torchrun.append("--local-addr=localhost")
     leaving = None
     try:
         host.wait_for(lambda e: e["event"] == "worker", 60, "host workers")

@@ -75,7 +75,11 @@ def test_lost_node_shrinks_to_two_then_a_new_node_grows_back_to_four(tmp_path):
         "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
         "--rdzv-id=lost-node", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
     ]
-    host = Agent(torchrun, args, tmp_path, "host")  # the first agent hosts the rendezvous store
+    # The first agent hosts the rendezvous store. The rendezvous orders agents by (address, pid):
+    # pinning the host's address first keeps rank 0, whose JSON lines are read below, on the host
+    # even when a later agent's pid has wrapped around below the host's.
+    host = Agent([*torchrun, "--local-addr=127.0.0.1"], args, tmp_path, "host")
+    torchrun.append("--local-addr=localhost")
     agents = [host]
     try:
         _wait_port(port, host)
