@@ -149,6 +149,9 @@ def lm_rows(world: int) -> list[Row]:
         # (c) with an outer optimizer on the top level: digits found lr 1.0 / momentum 0.5 good there.
         Row(f"(f) hierarchical DiLoCo, 2 levels: node gradients ({node}) every step, {{32:world}} outer Nesterov lr 1.0 m 0.5, bf16", "hierarchical", hierarchy={32: "world"}, hook_subgroup=node, averager_kwargs=outer_kwargs([32], True, 1.0, 0.5, top=32)),
         Row("(g) torchft DiLoCo (peer), every 32, outer Nesterov lr 0.7 m 0.9", "torchft", period=32),
+        # (d) with outer steps on both averaging levels, int8 on the world level; and (f) with int8.
+        Row(f"(h) hierarchical DiLoCo, 3 levels: pair gradients every step, {{4:{node}, 32:world}} outer Nesterov lr 1.0 m 0.5 on both, int8", "hierarchical", hierarchy={4: node, 32: "world"}, hook_subgroup=pair, averager_kwargs=outer_kwargs([4, 32], torch.int8, 1.0, 0.5, top=32)),
+        Row(f"(i) hierarchical DiLoCo, 2 levels: node gradients ({node}) every step, {{32:world}} outer Nesterov lr 1.0 m 0.5, int8", "hierarchical", hierarchy={32: "world"}, hook_subgroup=node, averager_kwargs=outer_kwargs([32], torch.int8, 1.0, 0.5, top=32)),
     ]
 
 
