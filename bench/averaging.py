@@ -130,7 +130,7 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
     )
     sub = world_size // 2
-    nesterov = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+    nesterov = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True, foreach=True)  # as the examples build it
     cases = {
         # Period 1 at the top: every call is a global step.
         "global step": (OrderedDict([(1, world_size)]), {}),

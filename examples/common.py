@@ -103,7 +103,9 @@ def averager_options(args: argparse.Namespace, periods: list[int]) -> dict[str, 
 
     top = max(periods)
     outer_periods = {"none": [], "top": [top], "all": periods}[args.outer_levels]
-    nesterov = functools.partial(torch.optim.SGD, lr=args.outer_lr, momentum=args.outer_momentum, nesterov=True)
+    # foreach: on CPU torch defaults to its per-tensor loop, which allocates a temporary the size of
+    # the anchor every Nesterov step and takes about 2.5x longer on a 10 M-parameter anchor.
+    nesterov = functools.partial(torch.optim.SGD, lr=args.outer_lr, momentum=args.outer_momentum, nesterov=True, foreach=True)
     return {
         "outer_optimizers": {period: nesterov for period in outer_periods},
         "comm_dtypes": {top: WIRE_DTYPES[args.comm_dtype]} if args.comm_dtype in WIRE_DTYPES else {},
