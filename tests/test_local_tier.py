@@ -80,6 +80,19 @@ def test_manager_rejects_a_local_url_without_its_cadence(tmp_path):
 # -- 4 real gloo processes, 2 per "node", each node with its own local folder ----------------------
 
 
+def _collect_package_warnings() -> list[str]:
+    """The messages of every WARNING (or worse) the package logs in this process from now on."""
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("elastic_hsgd").addHandler(Collect())
+    return warnings
+
+
 def _fallback_worker(rank: int, world_size: int, root: str) -> dict:
     import os
 
@@ -90,14 +103,7 @@ def _fallback_worker(rank: int, world_size: int, root: str) -> dict:
     from elastic_hsgd.checkpoint.layout import step_dir_name
 
     os.environ["GROUP_RANK"] = str(rank // 2)
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                warnings.append(record.getMessage())
-
-    logging.getLogger("elastic_hsgd").addHandler(Collect())
+    warnings = _collect_package_warnings()
     node_url = f"{root}/node{rank // 2}"
     torch.manual_seed(rank)
     model = torch.nn.Linear(6, 3)
@@ -186,14 +192,7 @@ def _storage_failure_worker(rank: int, world_size: int, root: str) -> dict:
     from elastic_hsgd.checkpoint.layout import step_dir_name
 
     os.environ["GROUP_RANK"] = str(rank)  # one rank per "node"
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                warnings.append(record.getMessage())
-
-    logging.getLogger("elastic_hsgd").addHandler(Collect())
+    warnings = _collect_package_warnings()
     node_url = f"{root}/node{rank}"
     manager = CheckpointManager(f"{root}/cloud", local_url=node_url, local_every=5)
     state = {"model": torch.nn.Linear(3, 2)}
