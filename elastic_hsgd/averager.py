@@ -11,7 +11,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -71,8 +71,8 @@ class WireBuffers:
         return scales[start // outer.INT8_ROW : stop // outer.INT8_ROW]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.wire, self.received, self.mean_out, self.total, self.row, self.wire_scales,
-                self.received_scales, self.mean_scales, self.work, self.spare]
+        """Every buffer, for storage checks."""
+        return [v for v in (getattr(self, f.name) for f in fields(self)) if isinstance(v, torch.Tensor)]
 
 
 class TopLevel(Protocol):
@@ -431,9 +431,10 @@ class HierarchicalModelAverager(ModelAverager):
                 )
             committed = self._outer_sync_top(anchored, flat, group)
         if committed and self._anchors_started:
-            # Healed in this sync: the peer's anchors (applied here if still pending) are from
-            # before it, like ours were; lower levels take the new parameters either way.
-            self._anchor_ready_buffers(flat)
+            if anchored is None:
+                # A group that healed in this sync may hold the peer's anchors only as loaded
+                # state (it had none allocated): apply them before lower levels take the new params.
+                self._anchor_ready_buffers(flat)
             self._reset_anchors_below(top_period, flat)
         return committed
 
@@ -458,12 +459,10 @@ class HierarchicalModelAverager(ModelAverager):
                 else:
                     delta.copy_(flat)
             # A heal happens in here: it loads a peer's state into the parameters,
-            # the anchors and the outer optimizer (load_state_dict applies it at once).
+            # the anchors and the outer optimizer (load_state_dict applies it at once,
+            # the anchors being allocated above).
             if not self.top_level.average(list(self._deltas), group, self.step):
                 return False
-            if self._pending_outer_state is not None:
-                self._apply_outer_state(self._pending_outer_state)
-                self._pending_outer_state = None
             if not self._anchors_started:
                 for flat, mean in zip(buffers, self._deltas):
                     flat.copy_(mean)
@@ -474,21 +473,7 @@ class HierarchicalModelAverager(ModelAverager):
                     self._anchors_started = True
                     self._resync_anchors = False
                 return True
-            grads = []
-            for anchor, delta, host in zip(lv.anchors, self._deltas, self._host_grads):
-                if anchor.device != delta.device:
-                    host.copy_(delta)
-                    delta = host
-                grads.append(delta)
-            if lv.optimizer is None:
-                for anchor, grad in zip(lv.anchors, grads):
-                    outer.outer_update(anchor, grad, None)
-            else:
-                for anchor, grad in zip(lv.anchors, grads):
-                    anchor.grad = grad
-                outer.outer_step(lv.optimizer, lv.anchors)
-            for anchor, flat in zip(lv.anchors, buffers):
-                flat.copy_(anchor, non_blocking=anchor.device != flat.device)
+            self._step_anchors(lv, list(zip(lv.anchors, self._deltas, buffers, self._host_grads)))
         return True
 
     def _average_top(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
@@ -654,19 +639,31 @@ class HierarchicalModelAverager(ModelAverager):
                     self._compressed_mean(anchor, flat, delta, lv.comm_dtype, group, same_device, finish)
                     if finish:
                         continue  # anchor -= mean delta and params := anchor already happened per chunk
-                if not same_device:
-                    host.copy_(delta)
-                    delta = host
-                grads.append((anchor, delta, flat))
-            if lv.optimizer is None:
-                for anchor, grad, _ in grads:
-                    outer.outer_update(anchor, grad, None)
-            else:
-                for anchor, grad, _ in grads:
-                    anchor.grad = grad
-                outer.outer_step(lv.optimizer, lv.anchors)
-            for anchor, _, flat in grads:
-                flat.copy_(anchor, non_blocking=anchor.device != flat.device)
+                grads.append((anchor, delta, flat, host))
+            self._step_anchors(lv, grads)
+
+    @staticmethod
+    def _step_anchors(lv: AnchoredLevel, grads: list[tuple[torch.Tensor, ...]]) -> None:
+        """Step each anchor with its mean pseudo-gradient, then ``params := anchor``.
+
+        ``grads`` holds ``(anchor, mean delta, flat params, host buffer)``; a mean
+        delta on another device than its anchor goes through the host buffer.
+        """
+        staged = []
+        for anchor, delta, flat, host in grads:
+            if anchor.device != delta.device:
+                host.copy_(delta)
+                delta = host
+            staged.append((anchor, delta, flat))
+        if lv.optimizer is None:
+            for anchor, grad, _ in staged:
+                outer.outer_update(anchor, grad, None)
+        else:
+            for anchor, grad, _ in staged:
+                anchor.grad = grad
+            outer.outer_step(lv.optimizer, lv.anchors)
+        for anchor, _, flat in staged:
+            flat.copy_(anchor, non_blocking=anchor.device != flat.device)
 
     def _compressed_mean(
         self,
@@ -690,29 +687,20 @@ class HierarchicalModelAverager(ModelAverager):
         """
         buffers = self._wire_buffers(delta, wire_dtype, group)
         wire, numel = buffers.wire, delta.numel()
-        int8 = wire_dtype == torch.int8
 
         def produce(start: int, stop: int) -> None:
             end = min(stop, numel)
             if compute_delta:
                 outer.pseudo_gradient(anchor[start:end], flat[start:end], out=delta[start:end])
-            if int8:
-                # Quantized in place when this chunk of delta is fp32 and whole rows (it is scratch now).
-                whole = end == stop and delta.dtype == torch.float32
-                work = delta[start:end] if whole else buffers.work[: stop - start]
-                outer.quantize_int8(
-                    delta[start:end], wire[start:stop], buffers.scales_of(buffers.wire_scales, start, stop),
-                    work, buffers.spare[: stop - start],
-                )
-            else:
-                outer.encode(delta[start:end], wire[start:stop])
+            # int8 quantizes in place when this chunk of delta is fp32 whole rows (it is scratch now).
+            whole = end == stop and delta.dtype == torch.float32
+            work = delta[start:end] if whole else buffers.work[: stop - start]
+            scales = buffers.scales_of(buffers.wire_scales, start, stop)
+            outer.encode(delta[start:end], wire[start:stop], scales, work, buffers.spare[: stop - start])
 
         def consume(start: int, stop: int) -> None:
             end = min(stop, numel)
-            if int8:
-                outer.decode(wire[start:stop], delta[start:end], buffers.scales_of(buffers.wire_scales, start, stop), buffers.work)
-            else:
-                outer.decode(wire[start:stop], delta[start:end])
+            outer.decode(wire[start:stop], delta[start:end], buffers.scales_of(buffers.wire_scales, start, stop), buffers.work)
             if finish:
                 outer.outer_update(anchor[start:end], delta[start:end], None)
                 flat[start:end].copy_(anchor[start:end])
@@ -792,17 +780,15 @@ class HierarchicalModelAverager(ModelAverager):
             per_rank = (stop - start) // size
             m = mean_out[start:stop]
             mine = m[:per_rank]
-            if int8:
-                m_scales = b.scales_of(b.mean_scales, start, stop)
-                rows = m_scales.numel() // size
-                outer.reduce_slices(
-                    received[start:stop], size, b.total[:per_rank], mine, b.row[:per_rank],
-                    b.scales_of(b.received_scales, start, stop), m_scales[:rows], b.spare[:per_rank],
-                )
-                m_scales.view(size, rows)[1:].copy_(m_scales[:rows].expand(size - 1, rows))
-            else:
-                outer.reduce_slices(received[start:stop], size, b.total[:per_rank], mine, b.row[:per_rank])
+            m_scales = b.scales_of(b.mean_scales, start, stop)  # empty unless int8
+            rows = m_scales.numel() // size
+            outer.reduce_slices(
+                received[start:stop], size, b.total[:per_rank], mine, b.row[:per_rank],
+                b.scales_of(b.received_scales, start, stop), m_scales[:rows], b.spare[:per_rank],
+            )
+            # all_to_all sends slot j to rank j: every slot carries this rank's slice of the mean.
             m.view(size, per_rank)[1:].copy_(mine.expand(size - 1, per_rank))
+            m_scales.view(size, rows)[1:].copy_(m_scales[:rows].expand(size - 1, rows))
             gathers.append(exchange(wire, mean_out, b.wire_scales, b.mean_scales, start, stop))
         for (start, stop), works in zip(bounds, gathers):
             for work in works:
