@@ -45,7 +45,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from elastic_hsgd.checkpoint.storage import Storage  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
-from tests.torchrun_job import EXAMPLE, FAST_RDZV, LM_EXAMPLE, Agent  # noqa: E402
+from tests.ft_job import ReplicaGroups  # noqa: E402
+from tests.torchrun_job import EXAMPLE, LM_EXAMPLE, Agent, elastic_nodes, events_of_every_agent, stop_all, wait_port  # noqa: E402
 
 ROWS = ("reference", "ft", "cloud", "local")
 
@@ -90,14 +90,11 @@ class Churn:
 
     def __init__(self, script: str, job_args: list[str], log_dir: Path, local_root: Path | None = None, local_every: int = 0) -> None:
         port = free_port()
-        self.torchrun = [
-            "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=goodput", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=1000", "--monitor-interval=0.2",
-        ]
+        self.torchrun = elastic_nodes(port, "goodput", max_restarts=1000)
         self.script, self.job_args, self.log_dir = script, job_args, log_dir
         self.local_root, self.local_every = local_root, local_every
         self.host = self._agent("host")  # holds the rendezvous store: never killed
-        _wait_port(port, self.host)
+        wait_port(port, self.host, 60)
         self.second: Agent | None = self._agent("node-0")
         self.agents = [self.host, self.second]
         self.log: list[str] = []
@@ -139,42 +136,31 @@ class Churn:
         self.log.append(f"{time.monotonic() - t0:6.1f} s  new agent joins")
 
     def stop(self) -> None:
-        for agent in self.agents:
-            agent.stop()
+        stop_all(self.agents)
 
 
 class FtChurn:
     """Two torchft replica groups of 2 workers each and a real lighthouse; same schedule, a lost "node" is a whole group."""
 
     def __init__(self, job_args: list[str], log_dir: Path) -> None:
-        from tests.ft_job import Lighthouse
-
-        self.job_args, self.log_dir = job_args, log_dir
-        self.lighthouse = Lighthouse(log_dir)
+        self.job_args = job_args
+        self.groups = ReplicaGroups(log_dir)
+        self.agents = self.groups.agents  # every group started, in order (the same list)
         self.host = self._group(0, "group0")  # never killed, like the rendezvous host
         self.second: Agent | None = self._group(1, "group1")
-        self.agents = [self.host, self.second]
         self.log: list[str] = []
 
     def _group(self, group: int, name: str) -> Agent:
-        torchrun = [
-            "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-            "--max-restarts=1000", "--monitor-interval=0.2",
-        ]
-        env = {"TORCHFT_LIGHTHOUSE": self.lighthouse.address, "REPLICA_GROUP_ID": str(group), "ELASTIC_HSGD_FT_HOSTNAME": "127.0.0.1"}
-        return Agent(torchrun, self.job_args, self.log_dir, name, EXAMPLE, env=env)
+        return self.groups.start(group, self.job_args, name, max_restarts=1000)
 
     apply = Churn.apply  # same victims: the second agent (here a whole group), or a live worker by pid
 
     def bring_back(self, t0: float) -> None:
         self.second = self._group(1, f"group1-{len(self.agents)}")
-        self.agents.append(self.second)
         self.log.append(f"{time.monotonic() - t0:6.1f} s  group 1 started again")
 
     def stop(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.lighthouse.stop()
+        self.groups.stop()
 
 
 def run_row(
@@ -208,7 +194,7 @@ def run_row(
         return ft_result(name, churn, committed, t0)
     # Rank 0 prints the JSON lines, on whichever agent the rendezvous ordered first (by address, then pid:
     # a new agent whose pid wrapped around takes ranks 0-1 from the survivor), so every agent's are read.
-    sources = sorted(((e, agent.name) for agent in churn.agents for e in agent.snapshot()), key=lambda pair: pair[0]["_t"])
+    sources = events_of_every_agent(churn.agents)
     events = [e for e, _ in sources]
     if local:
         # A local step is committed only once every rank's file and its buddy copy are written, and the
@@ -237,7 +223,7 @@ def ft_result(name: str, churn: FtChurn, committed: list[int], t0: float) -> dic
     live = [a for a in churn.agents if a is churn.host or a is churn.second]
     final = max((e["step"] for a in live for e in a.snapshot() if e["event"] == "progress"), default=0)
     final = max(final, committed[-1] if committed else 0)  # progress lines come every 5 steps: a checkpoint can be newer
-    joins = [(a.name, e) for a in churn.agents for e in a.snapshot() if e["event"] in ("started", "resumed", "healed")]
+    joins = [(who, e) for e, who in events_of_every_agent(churn.agents) if e["event"] in ("started", "resumed", "healed")]
     quorums = [e["replicas"] for e in churn.host.snapshot() if e["event"] == "quorum"]
     log = [f"{e['_t'] - t0:6.1f} s  {who}: {e['event']} at step {e['step']}" + (f" from group {e['source_replica']}" if e["event"] == "healed" else "") for who, e in joins]
     log += [f"{e['_t'] - t0:6.1f} s  group0: quorum of {e['replicas']} group(s) at step {e['step']}" for e in churn.host.snapshot() if e["event"] == "quorum"]
@@ -297,18 +283,6 @@ def start_moto(log_dir: Path) -> tuple[subprocess.Popen, str]:
             if proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"moto_server did not come up on {endpoint}; see {log_dir / 'moto.stderr'}")
             time.sleep(0.05)
-
-
-def _wait_port(port: int, agent: Agent, deadline_s: float = 60) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if agent.proc.poll() is not None:
-            raise RuntimeError(f"rendezvous host exited: {agent.stderr_tail()}")
-        time.sleep(0.02)
-    raise RuntimeError(f"rendezvous port {port} never opened")
 
 
 def main() -> None:

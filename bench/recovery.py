@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -32,46 +31,34 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.distributed import free_port  # noqa: E402
-from tests.torchrun_job import FAST_RDZV, Agent  # noqa: E402
+from tests.torchrun_job import FAST_RDZV, Agent, elastic_nodes, single_node, step_reached_by, stop_all  # noqa: E402
 
 TRAIN = ["--steps", "100000", "--checkpoint-every", "50", "--warmup-steps", "10", "--log-every", "1", "--step-delay", "0.01", "--collective-timeout", "20"]
 KILL_AT = 127  # between two cloud checkpoints (100, 150), and between two local ones (125, 130) with --local-every 5
-
-
-def _steps_before(agent: Agent, t: float) -> int:
-    return max((e["step"] for e in agent.snapshot() if e["event"] == "progress" and e["_t"] <= t), default=0)
 
 
 def measure(agent: Agent, kill) -> tuple[float, int, int, str]:
     agent.wait_for(lambda e: e["event"] == "progress" and e["step"] >= KILL_AT, 180, f"step {KILL_AT}")
     killed_at = time.monotonic()
     kill()
-    reached = _steps_before(agent, killed_at)
+    reached = step_reached_by(agent, killed_at)
     resumed = agent.wait_for(lambda e: e["event"] == "resumed" and e["_t"] > killed_at, 120, "resume")
     first = agent.wait_for(lambda e: e["event"] == "progress" and e["_t"] > resumed["_t"], 60, "first step after resume")
     return first["_t"] - killed_at, reached - resumed["step"], resumed["world_size"], resumed.get("source", "cloud")
 
 
 def killed_worker(out: Path, tier: list[str], name: str) -> tuple:
-    torchrun = ["--nnodes=1", "--nproc-per-node=4", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=3", "--monitor-interval=0.2"]
     local = ["--local-checkpoint-url", str(out / f"{name}-local")] if tier else []
-    agent = Agent(torchrun, [*TRAIN, *tier, *local, "--hierarchy", "2:2,8:world", "--checkpoint-url", str(out / name)], out, name)
+    agent = Agent(single_node(free_port()), [*TRAIN, *tier, *local, "--hierarchy", "2:2,8:world", "--checkpoint-url", str(out / name)], out, name)
     try:
-        def kill_worker() -> None:
-            victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
-            os.kill(victim, signal.SIGKILL)
-
-        return measure(agent, kill_worker)
+        return measure(agent, agent.kill_worker)  # rank 1
     finally:
         agent.stop()
 
 
 def lost_node(out: Path, tier: list[str], name: str) -> tuple:
     port = free_port()
-    torchrun = [
-        "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-        f"--rdzv-id={name}", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
-    ]
+    torchrun = elastic_nodes(port, name)
 
     def args(node: str) -> list[str]:
         local = ["--local-checkpoint-url", str(out / f"{name}-local-{node}")] if tier else []
@@ -81,16 +68,15 @@ def lost_node(out: Path, tier: list[str], name: str) -> tuple:
     # are read) stays on the host even if the other agent's pid wrapped around below it.
     host = Agent([*torchrun, "--local-addr=127.0.0.1"], args("host"), out, f"{name}-host")
     torchrun.append("--local-addr=localhost")
-    leaving = None
+    agents = [host]
     try:
         host.wait_for(lambda e: e["event"] == "worker", 60, "host workers")
         leaving = Agent(torchrun, args("leaving"), out, f"{name}-leaving")
+        agents.append(leaving)
         host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 60, "world of 4")
         return measure(host, leaving.kill)
     finally:
-        host.stop()
-        if leaving is not None:
-            leaving.stop()
+        stop_all(agents)
 
 
 def _progress(agent: Agent) -> list[tuple[float, int]]:
@@ -103,18 +89,15 @@ def _longest_gap(points: list[tuple[float, int]], start: float, end: float) -> f
 
 
 def measure_replica_groups(out: Path) -> None:
-    from tests.ft_job import LIGHTHOUSE_FLAGS, Lighthouse, start_group
+    from tests.ft_job import LIGHTHOUSE_FLAGS, ReplicaGroups
 
     args = [
         "--steps", "3000", "--checkpoint-every", "200", "--warmup-steps", "10", "--log-every", "1", "--step-delay", "0.02",
         "--hierarchy", "2:2,8:replicas", "--collective-timeout", "20", "--ft-timeout", "3", "--checkpoint-url", str(out / "ft"),
     ]
-    lighthouse = Lighthouse(out)
-    groups = [start_group(lighthouse, g, args, out, f"ft{g}") for g in range(3)]
-    agents = list(groups)
+    job = ReplicaGroups(out)
     try:
-        for g in groups:
-            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 3, 180, "quorum of 3")
+        groups = job.start_all(3, args, "ft", quorum_s=180)
         groups[0].wait_for(lambda e: e["event"] == "progress" and e["step"] >= 200, 180, "step 200")
         killed_at = time.monotonic()
         groups[2].kill()
@@ -124,14 +107,11 @@ def measure_replica_groups(out: Path) -> None:
         before = max(_longest_gap(p, killed_at - 15, killed_at) for p in survivors)
         lost = max(max(s for t, s in p if t <= killed_at) + 1 - min(s for t, s in p if t > killed_at) for p in survivors)
         restart_at = time.monotonic()
-        restarted = start_group(lighthouse, 2, args, out, "ft2-restarted")
-        agents.append(restarted)
+        restarted = job.start(2, args, "ft2-restarted")
         healed = restarted.wait_for(lambda e: e["event"] == "healed", 180, "healed line")
         done = [g.wait_for(lambda e: e["event"] == "done", 600, "done") for g in (groups[0], groups[1], restarted)]
     finally:
-        for agent in agents:
-            agent.stop()
-        lighthouse.stop()
+        job.stop()
     same = len({d["params_sha256"] for d in done}) == 1
     print()
     print(f"replica groups: 3 torchrun groups x 2 workers, torchft lighthouse {' '.join(LIGHTHOUSE_FLAGS)}, --ft-timeout 3 s,")

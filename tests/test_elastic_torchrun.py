@@ -4,34 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from pathlib import Path
 
 import pytest
 
 from elastic_hsgd.checkpoint.layout import COMMIT_NAME
 from elastic_hsgd.checkpoint.storage import Storage
 from tests.distributed import free_port
-from tests.torchrun_job import FAST_RDZV, Agent
+from tests.torchrun_job import (
+    Agent,
+    blocking_fs_env,
+    elastic_nodes,
+    kill_worker_then_finish,
+    run_to_done,
+    run_to_exit,
+    single_node,
+    stop_all,
+    wait_for_file,
+    wait_port,
+)
 
 pytestmark = pytest.mark.torchrun
-
-
-def _single_node(port: int, nproc: int = 4, max_restarts: int = 3) -> list[str]:
-    return [
-        "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-        f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
-    ]
-
-
-def _run_to_done(agent: Agent, deadline_s: float = 150) -> dict:
-    try:
-        done = agent.wait_for(lambda e: e["event"] == "done", deadline_s, "done line")
-        agent.proc.wait(timeout=30)
-        return done
-    finally:
-        agent.stop()
-
 
 TRAIN = ["--steps", "120", "--checkpoint-every", "20", "--warmup-steps", "10", "--hierarchy", "2:2,4:world", "--step-delay", "0.02", "--collective-timeout", "20"]
 
@@ -47,18 +39,12 @@ TRAIN = ["--steps", "120", "--checkpoint-every", "20", "--warmup-steps", "10", "
 )
 def test_killed_worker_resumes_to_a_bit_identical_result(tmp_path, options):
     train = [*TRAIN, *options]
-    reference = Agent(_single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference")
-    expected = _run_to_done(reference)
+    reference = Agent(single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference")
+    expected = run_to_done(reference)
 
-    agent = Agent(_single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed")
-    try:
-        agent.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 20, 90, "first checkpoint")
-        victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
-        os.kill(victim, signal.SIGKILL)
-        resumed = agent.wait_for(lambda e: e["event"] == "resumed", 90, "resumed line")
-        done = _run_to_done(agent)
-    finally:
-        agent.stop()
+    agent = Agent(single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed")
+    run = kill_worker_then_finish(agent, lambda e: e["event"] == "checkpoint" and e["step"] >= 20, "first checkpoint")
+    resumed, done = run.resumed, run.done
     assert resumed["world_size"] == 4 and resumed["previous_world_size"] == 4 and resumed["step"] >= 20
     assert done["step"] == 120
     assert done["params_sha256"] == expected["params_sha256"]
@@ -71,10 +57,7 @@ def test_lost_node_shrinks_to_two_then_a_new_node_grows_back_to_four(tmp_path):
         "--steps", str(steps), "--checkpoint-every", "25", "--warmup-steps", "10", "--hierarchy", "2:local,8:world",
         "--step-delay", "0.04", "--collective-timeout", "20", "--checkpoint-url", str(tmp_path / "ckpt"),
     ]
-    torchrun = [
-        "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=lost-node", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
-    ]
+    torchrun = elastic_nodes(port, "lost-node")
     # The first agent hosts the rendezvous store. The rendezvous orders agents by (address, pid):
     # pinning the host's address first keeps rank 0, whose JSON lines are read below, on the host
     # even when a later agent's pid has wrapped around below the host's.
@@ -82,7 +65,7 @@ def test_lost_node_shrinks_to_two_then_a_new_node_grows_back_to_four(tmp_path):
     torchrun.append("--local-addr=localhost")
     agents = [host]
     try:
-        _wait_port(port, host)
+        wait_port(port, host)
         leaving = Agent(torchrun, args, tmp_path, "leaving")
         agents.append(leaving)
         host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 60, "world of 4")
@@ -95,8 +78,7 @@ def test_lost_node_shrinks_to_two_then_a_new_node_grows_back_to_four(tmp_path):
         host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 4, 90, "world of 4 again")
         done = host.wait_for(lambda e: e["event"] == "done", 150, "done line")
     finally:
-        for agent in agents:
-            agent.stop()
+        stop_all(agents)
 
     events = host.snapshot()
     starts = [e for e in events if e["event"] in ("started", "resumed")]
@@ -115,50 +97,25 @@ def test_lost_node_shrinks_to_two_then_a_new_node_grows_back_to_four(tmp_path):
     assert done["step"] == steps and done["world_size"] == 4
 
 
-def _wait_port(port: int, agent: Agent, deadline_s: float = 30) -> None:
-    import socket
-
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        assert agent.proc.poll() is None, agent.stderr_tail()
-        time.sleep(0.02)
-    raise AssertionError(f"rendezvous port {port} never opened")
-
-
 def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
-    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, SITECUSTOMIZE
-
     url = tmp_path / "ckpt"
     marker = tmp_path / "mid-write"
     # Workers register a filesystem that parks rank 0 after the first chunk of
     # its step-20 file (and says so with the marker): the kill lands mid-save for certain.
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {
-        "PYTHONPATH": os.pathsep.join([str(site), repo, os.environ.get("PYTHONPATH", "")]),
-        BLOCK_MATCH_ENV: "step_000000000020/rank_00000", BLOCK_MARKER_ENV: str(marker),
-    }
+    env = blocking_fs_env(tmp_path, "step_000000000020/rank_00000", marker)
     args = [
         "--steps", "60", "--checkpoint-every", "10", "--warmup-steps", "4", "--hierarchy", "2:2,4:world",
         "--collective-timeout", "20", "--checkpoint-url", f"blockingfile://{url}",
     ]
-    agent = Agent(_single_node(free_port()), args, tmp_path, "midsave", env=env)
+    agent = Agent(single_node(free_port()), args, tmp_path, "midsave", env=env)
     try:
-        end = time.monotonic() + 120
-        while not marker.exists():
-            assert time.monotonic() < end and agent.proc.poll() is None, f"rank 0 never started writing step 20: {agent.stderr_tail()}"
-            time.sleep(0.01)
+        wait_for_file(marker, agent, 120, "rank 0 never started writing step 20")
         rank0 = int(marker.read_text())
         assert rank0 == next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 0)
         os.kill(rank0, signal.SIGKILL)
         assert not (url / "step_000000000020" / COMMIT_NAME).exists()
         resumed = agent.wait_for(lambda e: e["event"] == "resumed", 90, "resumed line")
-        done = _run_to_done(agent)
+        done = run_to_done(agent)
     finally:
         agent.stop()
     assert resumed["step"] == 10
@@ -168,11 +125,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path):
 
 def test_hierarchy_that_no_longer_fits_fails_every_worker_without_hanging(tmp_path):
     args = ["--steps", "20", "--hierarchy", "2:4,8:world", "--checkpoint-url", str(tmp_path / "ckpt")]
-    agent = Agent(_single_node(free_port(), nproc=2, max_restarts=0), args, tmp_path, "misfit")
-    try:
-        agent.proc.wait(timeout=90)
-    finally:
-        agent.stop()
+    agent = Agent(single_node(free_port(), nproc=2, max_restarts=0), args, tmp_path, "misfit")
+    run_to_exit(agent, 90)
     assert agent.proc.returncode != 0
     stderr = agent.stderr_tail(200_000)
     assert stderr.count("does not fit world size 2") >= 2, stderr[-3000:]

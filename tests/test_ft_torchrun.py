@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 
 pytest.importorskip("torchft")
@@ -12,8 +9,8 @@ pytest.importorskip("torchft")
 from elastic_hsgd.checkpoint.storage import Storage  # noqa: E402
 from elastic_hsgd.elastic import GENERATION_FILE  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
-from tests.ft_job import Lighthouse, start_group, steps_of  # noqa: E402
-from tests.torchrun_job import Agent  # noqa: E402
+from tests.ft_job import ReplicaGroups, steps_of, wait_for_quorum  # noqa: E402
+from tests.torchrun_job import Agent, run_to_exit, single_node  # noqa: E402
 
 pytestmark = pytest.mark.torchrun
 
@@ -37,26 +34,21 @@ def test_survivors_keep_training_and_restarted_groups_heal_from_a_peer(tmp_path)
     # Paced so the survivors outlive a restart of the lost group and then of a worker
     # (up to ~30 s each on 2 loaded cores: imports, data, DDP, then the heal itself takes ms).
     args = [*TRAIN, "--steps", "2000", "--checkpoint-every", "100", "--step-delay", "0.05", "--checkpoint-url", str(url)]
-    lighthouse = Lighthouse(tmp_path)
-    groups = [start_group(lighthouse, g, args, tmp_path, f"group{g}") for g in range(3)]
-    agents = list(groups)
+    job = ReplicaGroups(tmp_path)
     try:
-        for g in groups:
-            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 3, 120, "quorum of 3")
+        groups = job.start_all(3, args, "group", quorum_s=120)
         groups[0].wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 100, 120, "first checkpoint")
         generation = (url / GENERATION_FILE).read_bytes()
         survivors_pids = {g.name: _workers(g) for g in groups[:2]}
 
         # 1. A whole group dies (workers and agent): the others go on without restarting.
         groups[2].kill()
-        for g in groups[:2]:
-            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 2, 60, "quorum of 2")
+        wait_for_quorum(groups[:2], 2, 60)
         at_kill = max(steps_of(groups[0]))
         groups[0].wait_for(lambda e: e["event"] == "progress" and e["step"] >= at_kill + 8, 60, "training on after the loss")
 
         # 2. Started again, it heals from a live peer instead of reading the checkpoint.
-        restarted = start_group(lighthouse, 2, args, tmp_path, "group2-restarted")
-        agents.append(restarted)
+        restarted = job.start(2, args, "group2-restarted")
         healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
         assert healed["source_replica"] in (0, 1) and healed["replica_group"] == 2 and healed["bytes"] > 0
         assert healed["step"] > at_kill
@@ -64,16 +56,13 @@ def test_survivors_keep_training_and_restarted_groups_heal_from_a_peer(tmp_path)
             g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 3 and e["step"] >= healed["step"] - 1, 60, "quorum of 3 again")
 
         # 3. One worker of group 1 dies: torchelastic restarts that group, which heals.
-        victim = next(e["pid"] for e in groups[1].snapshot() if e["event"] == "worker" and e["rank"] == 1)
-        os.kill(victim, signal.SIGKILL)
+        groups[1].kill_worker(1)
         healed1 = groups[1].wait_for(lambda e: e["event"] == "healed", 120, "group 1 healed after its restart")
         assert healed1["source_replica"] in (0, 2)
 
         done = [g.wait_for(lambda e: e["event"] == "done", 400, "done line") for g in (groups[0], groups[1], restarted)]
     finally:
-        for agent in agents:
-            agent.stop()
-        lighthouse.stop()
+        job.stop()
 
     assert {d["step"] for d in done} == {2000}
     assert len({d["params_sha256"] for d in done}) == 1, done
@@ -97,26 +86,20 @@ def test_outer_nesterov_on_replicas_survives_a_lost_group_and_heals_anchors_and_
         *TRAIN, "--outer-levels", "top", "--steps", "1200", "--checkpoint-every", "400", "--step-delay", "0.04",
         "--checkpoint-url", str(url),
     ]
-    lighthouse = Lighthouse(tmp_path)
-    groups = [start_group(lighthouse, g, args, tmp_path, f"diloco{g}") for g in range(2)]
-    agents = list(groups)
+    job = ReplicaGroups(tmp_path)
     try:
-        for g in groups:
-            g.wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 2, 120, "quorum of 2")
+        groups = job.start_all(2, args, "diloco", quorum_s=120)
         # Past warmup and several outer steps: anchors and momentum exist on every rank.
         groups[1].wait_for(lambda e: e["event"] == "progress" and e["step"] >= 40, 120, "outer steps taken")
         groups[1].kill()
         groups[0].wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 1, 60, "quorum of 1")
         at_kill = max(steps_of(groups[0]))
-        restarted = start_group(lighthouse, 1, args, tmp_path, "diloco1-restarted")
-        agents.append(restarted)
+        restarted = job.start(1, args, "diloco1-restarted")
         healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
         assert healed["source_replica"] == 0 and healed["step"] > at_kill
         done = [g.wait_for(lambda e: e["event"] == "done", 300, "done line") for g in (groups[0], restarted)]
     finally:
-        for agent in agents:
-            agent.stop()
-        lighthouse.stop()
+        job.stop()
     assert {d["step"] for d in done} == {1200}
     # Same parameters, and the same anchors and outer momentum: they travelled with the heal
     # and every outer step after it was the same step on both groups.
@@ -129,22 +112,19 @@ def test_outer_nesterov_on_replicas_survives_a_lost_group_and_heals_anchors_and_
 def test_every_group_killed_resumes_from_the_durable_checkpoint(tmp_path):
     url = tmp_path / "ckpt"
     args = [*TRAIN, "--steps", "120", "--checkpoint-every", "20", "--step-delay", "0.03", "--checkpoint-url", str(url)]
-    lighthouse = Lighthouse(tmp_path)
-    agents = [start_group(lighthouse, g, args, tmp_path, f"first{g}") for g in range(2)]
+    job = ReplicaGroups(tmp_path)
     try:
+        agents = [job.start(g, args, f"first{g}") for g in range(2)]
         agents[0].wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 40, 120, "a checkpoint")
         for agent in agents:
             agent.kill()
         committed = Storage(str(url)).committed_steps()[-1]
         assert committed >= 40
-        again = [start_group(lighthouse, g, args, tmp_path, f"again{g}") for g in range(2)]
-        agents += again
+        again = [job.start(g, args, f"again{g}") for g in range(2)]
         resumed = [a.wait_for(lambda e: e["event"] in ("resumed", "healed"), 120, "resumed line") for a in again]
         done = [a.wait_for(lambda e: e["event"] == "done", 180, "done line") for a in again]
     finally:
-        for agent in agents:
-            agent.stop()
-        lighthouse.stop()
+        job.stop()
     # Whichever group formed the first quorum resumed from the checkpoint; a later one may heal from it.
     assert any(r["event"] == "resumed" and r["step"] == committed for r in resumed), resumed
     assert all(r["step"] >= committed for r in resumed)
@@ -152,13 +132,10 @@ def test_every_group_killed_resumes_from_the_durable_checkpoint(tmp_path):
 
 
 def test_top_level_other_than_replicas_is_refused_on_every_rank(tmp_path):
-    torchrun = ["--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=0"]
+    torchrun = single_node(free_port(), nproc=2, max_restarts=0, monitor_interval=None)
     env = {"TORCHFT_LIGHTHOUSE": "http://127.0.0.1:9", "REPLICA_GROUP_ID": "0"}
     agent = Agent(torchrun, ["--steps", "8", "--hierarchy", "2:2,4:world", "--checkpoint-url", str(tmp_path / "c")], tmp_path, "misfit", env=env)
-    try:
-        agent.proc.wait(timeout=90)
-    finally:
-        agent.stop()
+    run_to_exit(agent, 90)
     assert agent.proc.returncode != 0
     stderr = agent.stderr_tail(200_000)
     assert stderr.count("make the last level 'replicas'") >= 2, stderr[-3000:]

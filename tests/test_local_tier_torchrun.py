@@ -7,16 +7,23 @@ pod's ``emptyDir`` is separate by itself).
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.distributed import free_port
-from tests.test_elastic_torchrun import _run_to_done, _single_node, _wait_port
-from tests.torchrun_job import FAST_RDZV, Agent
+from tests.torchrun_job import (
+    Agent,
+    blocking_fs_env,
+    elastic_nodes,
+    kill_worker_then_finish,
+    run_to_done,
+    single_node,
+    step_reached_by,
+    stop_all,
+    wait_for_file,
+    wait_port,
+)
 
 pytestmark = pytest.mark.torchrun
 
@@ -30,31 +37,20 @@ def _just_after_a_local_commit(event: dict) -> bool:
     return event["event"] == "progress" and step >= 31 and step % LOCAL_EVERY in (1, 2) and event["local_committed"] == step - step % LOCAL_EVERY
 
 
-def _reached_before(agent: Agent, t: float) -> int:
-    return max((e["step"] for e in agent.snapshot() if e["event"] == "progress" and e["_t"] <= t), default=0)
-
-
 def test_killed_worker_resumes_from_the_local_tier_bit_identical(tmp_path):
     train = [
         "--steps", "45", "--checkpoint-every", "50", "--local-checkpoint-every", str(LOCAL_EVERY), "--warmup-steps", "10",
         "--hierarchy", "2:2,4:world", "--log-every", "1", "--step-delay", "0.05", "--collective-timeout", "20",
     ]
-    reference = Agent(_single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "ref"), "--local-checkpoint-url", str(tmp_path / "ref-local")], tmp_path, "reference")
-    expected = _run_to_done(reference)
+    reference = Agent(single_node(free_port()), [*train, "--checkpoint-url", str(tmp_path / "ref"), "--local-checkpoint-url", str(tmp_path / "ref-local")], tmp_path, "reference")
+    expected = run_to_done(reference)
 
     args = [*train, "--checkpoint-url", str(tmp_path / "run"), "--local-checkpoint-url", str(tmp_path / "run-local")]
-    agent = Agent(_single_node(free_port()), args, tmp_path, "killed")
-    try:
-        # Before the first cloud checkpoint (50): only the local tier can give the resumed step.
-        agent.wait_for(_just_after_a_local_commit, 120, "a step just after a committed local save")
-        victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-        resumed = agent.wait_for(lambda e: e["event"] == "resumed", 120, "resumed line")
-        done = _run_to_done(agent)
-    finally:
-        agent.stop()
-    reached = _reached_before(agent, killed_at)
+    agent = Agent(single_node(free_port()), args, tmp_path, "killed")
+    # Before the first cloud checkpoint (50): only the local tier can give the resumed step.
+    run = kill_worker_then_finish(agent, _just_after_a_local_commit, "a step just after a committed local save", ready_s=120, resumed_s=120)
+    resumed, done = run.resumed, run.done
+    reached = step_reached_by(agent, run.killed_at)
     assert resumed["source"] == "local" and resumed["world_size"] == resumed["previous_world_size"] == 4, resumed
     assert 0 <= reached - resumed["step"] <= LOCAL_EVERY, (reached, resumed)
     assert done["step"] == 45
@@ -73,17 +69,14 @@ def test_lost_node_resumes_from_buddy_copies_and_a_new_node_grows_back_from_the_
             "--local-checkpoint-url", str(tmp_path / f"local-{node}"),
         ]
 
-    torchrun = [
-        "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=local-tier", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
-    ]
+    torchrun = elastic_nodes(port, "local-tier")
     # The rendezvous orders agents by (address, pid): pinning the host's address first keeps rank 0, and
     # the JSON lines read below, on the host even when a later agent's pid has wrapped around.
     host = Agent([*torchrun, "--local-addr=127.0.0.1"], args("host"), tmp_path, "host")
     torchrun.append("--local-addr=localhost")
     agents = [host]
     try:
-        _wait_port(port, host)
+        wait_port(port, host)
         leaving = Agent(torchrun, args("leaving"), tmp_path, "leaving")
         agents.append(leaving)
         host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 60, "world of 4")
@@ -91,15 +84,14 @@ def test_lost_node_resumes_from_buddy_copies_and_a_new_node_grows_back_from_the_
         leaving.kill()
         killed_at = time.monotonic()
         shrunk = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 2, 120, "world of 2")
-        reached = _reached_before(host, killed_at)
+        reached = step_reached_by(host, killed_at)
         host.wait_for(lambda e: e["event"] == "local_checkpoint" and (e["committed"] or 0) > shrunk["step"], 90, "a local checkpoint at world 2")
         joining = Agent(torchrun, args("joining"), tmp_path, "joining")
         agents.append(joining)
         grown = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 4, 120, "world of 4 again")
         done = host.wait_for(lambda e: e["event"] == "done" and e["_t"] > grown["_t"], 150, "done line")
     finally:
-        for agent in agents:
-            agent.stop()
+        stop_all(agents)
 
     # Every rank of the world of 2 gets the mean of the 4 saved replicas: the survivors' own copies
     # and the buddy copies they hold for the lost node; nothing comes from the cloud.
@@ -124,18 +116,9 @@ def test_node_lost_mid_local_save_stops_the_survivors_at_the_next_save_and_a_joi
     every 100 steps, the cloud tier saves at the end). The world of 2 resumes from step 35, the newest step
     committed everywhere (the interrupted 40 is not), from the buddy copies of the lost node's ranks.
     """
-    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, SITECUSTOMIZE
-
     port, steps, blocked = free_port(), 200, 40
     marker = tmp_path / "leaving-mid-save"
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    repo = str(Path(__file__).resolve().parent.parent)
-    blocking = {
-        "PYTHONPATH": os.pathsep.join([str(site), repo, os.environ.get("PYTHONPATH", "")]),
-        BLOCK_MATCH_ENV: f"local-leaving/step_{blocked:012d}/rank_", BLOCK_MARKER_ENV: str(marker),
-    }
+    blocking = blocking_fs_env(tmp_path, f"local-leaving/step_{blocked:012d}/rank_", marker)
 
     def args(local_url: str) -> list[str]:
         return [
@@ -146,23 +129,16 @@ def test_node_lost_mid_local_save_stops_the_survivors_at_the_next_save_and_a_joi
 
     def torchrun(local_addr: str) -> list[str]:
         # The rendezvous orders agents by (address, pid): 127.0.0.1 < 127.0.0.2 < localhost, whatever the pids.
-        return [
-            "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=peer-lost", f"--rdzv-conf={FAST_RDZV}", "--max-restarts=5", "--monitor-interval=0.2",
-            f"--local-addr={local_addr}",
-        ]
+        return [*elastic_nodes(port, "peer-lost"), f"--local-addr={local_addr}"]
 
     host = Agent(torchrun("127.0.0.2"), args(str(tmp_path / "local-host")), tmp_path, "host")
     agents = [host]
     try:
-        _wait_port(port, host)
+        wait_port(port, host)
         leaving = Agent(torchrun("localhost"), args(f"blockingfile://{tmp_path / 'local-leaving'}"), tmp_path, "leaving", env=blocking)
         agents.append(leaving)
         host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 90, "world of 4")
-        end = time.monotonic() + 90
-        while not marker.exists():
-            assert time.monotonic() < end and leaving.proc.poll() is None, f"the leaving node never started its local save of step {blocked}: {leaving.stderr_tail()}"
-            time.sleep(0.01)
+        wait_for_file(marker, leaving, 90, f"the leaving node never started its local save of step {blocked}")
         assert int(marker.read_text()) in leaving.worker_pids()
         leaving.kill()
         shrunk = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 2, 120, "world of 2")
@@ -174,8 +150,7 @@ def test_node_lost_mid_local_save_stops_the_survivors_at_the_next_save_and_a_joi
         grown = joining.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 4, 120, "world of 4 again, on the joining node")
         done = joining.wait_for(lambda e: e["event"] == "done", 120, "done line")
     finally:
-        for agent in agents:
-            agent.stop()
+        stop_all(agents)
 
     assert stopped_at < blocked + LOCAL_EVERY, f"survivors trained on to step {stopped_at} after their local save of {blocked} failed"
     assert "a collective of the local tier failed" in host.stderr_tail(1_000_000)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from elastic_hsgd.checkpoint.storage import Storage
 from tests.distributed import free_port
+from tests.torchrun_job import TORCHRUN_ENV, single_node, torchrun_command
 
 pytestmark = pytest.mark.torchrun
 
@@ -26,11 +26,8 @@ def guide_code() -> str:
 
 
 def _torchrun(script: Path, url: str, steps: int, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.1", str(script),
-    ]
-    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1", "CHECKPOINT_URL": url, "STEPS": str(steps)}
+    cmd = torchrun_command(single_node(free_port(), nproc=2, max_restarts=None, monitor_interval=0.1), str(script))
+    env = {**os.environ, **TORCHRUN_ENV, "CHECKPOINT_URL": url, "STEPS": str(steps)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 

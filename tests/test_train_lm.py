@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import sys
 
 import pytest
 import torch
 
 from tests.distributed import free_port
-from tests.torchrun_job import EXAMPLES, LM_EXAMPLE, Agent
+from tests.torchrun_job import EXAMPLES, LM_EXAMPLE, Agent, kill_worker_then_finish, run_to_done, single_node
 
 sys.path.insert(0, str(EXAMPLES))
 import train_lm  # noqa: E402
@@ -58,43 +56,22 @@ def test_bad_model_shape_is_refused_with_the_fix():
         train_lm.parse_args(["--width", "30", "--heads", "4"])
 
 
-def _single_node(port: int) -> list[str]:
-    return [
-        "--nnodes=1", "--nproc-per-node=4", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--max-restarts=3", "--monitor-interval=0.2",
-    ]
-
-
 TINY = [
     "--steps", "40", "--checkpoint-every", "10", "--log-every", "10", "--warmup-steps", "4", "--hierarchy", "4:4,8:world", "--gradient-group", "2",
     "--width", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "4", "--corpus-bytes", "300000",
     "--val-windows", "16", "--lr-warmup-steps", "5", "--step-delay", "0.05", "--collective-timeout", "20",
 ]
-
-
-def _run_to_done(agent: Agent, deadline_s: float = 120) -> dict:
-    try:
-        done = agent.wait_for(lambda e: e["event"] == "done", deadline_s, "done line")
-        agent.proc.wait(timeout=30)
-        return done
-    finally:
-        agent.stop()
+DONE_DEADLINE_S = 120
 
 
 @pytest.mark.torchrun
 def test_lm_killed_worker_resumes_to_a_bit_identical_result_and_reports_val_loss(tmp_path):
-    reference = Agent(_single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference", LM_EXAMPLE)
-    expected = _run_to_done(reference)
+    reference = Agent(single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference", LM_EXAMPLE)
+    expected = run_to_done(reference, DONE_DEADLINE_S)
 
-    agent = Agent(_single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed", LM_EXAMPLE)
-    try:
-        agent.wait_for(lambda e: e["event"] == "checkpoint" and e["step"] >= 10, 90, "first checkpoint")
-        victim = next(e["pid"] for e in agent.snapshot() if e["event"] == "worker" and e["rank"] == 1)
-        os.kill(victim, signal.SIGKILL)
-        resumed = agent.wait_for(lambda e: e["event"] == "resumed", 90, "resumed line")
-        done = _run_to_done(agent)
-    finally:
-        agent.stop()
+    agent = Agent(single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed", LM_EXAMPLE)
+    run = kill_worker_then_finish(agent, lambda e: e["event"] == "checkpoint" and e["step"] >= 10, "first checkpoint", done_s=DONE_DEADLINE_S)
+    resumed, done = run.resumed, run.done
 
     started = next(e for e in reference.snapshot() if e["event"] == "started")
     assert started["corpus_sha256"] == train_lm.load_corpus(300_000).sha256

@@ -1,35 +1,81 @@
-"""Start real torchrun agents, read the example's JSON lines, kill what was started."""
+"""The torchrun harness of the tests and benches: start real torchrun agents, read their workers'
+JSON lines, wait for one with a deadline, kill agents and workers by pid, stop everything.
+
+Tests import it as ``tests.torchrun_job``; the bench scripts put the repo root on ``sys.path``
+first. Every wait polls with a deadline; nothing sleeps to synchronise.
+
+Example::
+
+    >>> # xdoctest: +SKIP("starts a real torchrun agent with 4 workers")
+    >>> agent = Agent(single_node(free_port()), ["--steps", "40", "--checkpoint-url", "/tmp/c"], Path("/tmp"), "demo")
+    >>> run = kill_worker_then_finish(agent, lambda e: e["event"] == "checkpoint", "a checkpoint")
+    >>> run.resumed["step"], run.done["params_sha256"]
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
 EXAMPLE = str(EXAMPLES / "train_digits.py")
 LM_EXAMPLE = str(EXAMPLES / "train_lm.py")
 FAST_RDZV = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3"
+# torch 2.13's shared rendezvous store breaks worker restarts (pytorch#135712); one thread per
+# worker, since every worker of every agent shares the same few cores.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def single_node(port: int, nproc: int = 4, max_restarts: int | None = 3, monitor_interval: float | None = 0.2) -> list[str]:
+    """torchrun flags for one agent of ``nproc`` workers hosting a c10d rendezvous on 127.0.0.1:``port``.
+
+    ``None`` leaves ``--max-restarts`` or ``--monitor-interval`` at torchrun's default.
+    """
+    flags = ["--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    if max_restarts is not None:
+        flags.append(f"--max-restarts={max_restarts}")
+    if monitor_interval is not None:
+        flags.append(f"--monitor-interval={monitor_interval}")
+    return flags
+
+
+def elastic_nodes(port: int, rdzv_id: str, max_restarts: int = 5) -> list[str]:
+    """torchrun flags for one of 1-2 elastic agents x 2 workers on the rendezvous 127.0.0.1:``port``
+    (the first agent to start hosts it), with fast scale-down (:data:`FAST_RDZV`)."""
+    return [
+        "--nnodes=1:2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={rdzv_id}", f"--rdzv-conf={FAST_RDZV}", f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
+    ]
+
+
+def torchrun_command(torchrun_args: Sequence[str], script: str, script_args: Sequence[str] = ()) -> list[str]:
+    """``python -m torch.distributed.run`` with this interpreter (the one torch is installed in)."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args, script, *script_args]
 
 
 class Agent:
-    """One torchrun agent with its workers."""
+    """One torchrun agent with its workers; a thread collects rank 0's JSON lines as they arrive."""
 
     def __init__(
         self, torchrun_args: list[str], script_args: list[str], log_dir: Path, name: str, script: str = EXAMPLE, env: dict[str, str] | None = None
     ):
-        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        env = {**os.environ, **TORCHRUN_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.name = name
         self.stderr_path = log_dir / f"{name}.stderr"
         self.events: list[dict] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *torchrun_args, script, *script_args],
+            torchrun_command(torchrun_args, script, script_args),
             stdout=subprocess.PIPE,
             stderr=open(self.stderr_path, "w"),
             text=True,
@@ -54,7 +100,9 @@ class Agent:
         with self._lock:
             return list(self.events)
 
-    def wait_for(self, predicate, deadline_s: float, what: str) -> dict:
+    def wait_for(self, predicate: Callable[[dict], bool], deadline_s: float, what: str) -> dict:
+        """The first JSON line (since the start) that ``predicate`` accepts, polled for up to ``deadline_s``;
+        fails at once if the agent exited and every line it printed was seen."""
         end = time.monotonic() + deadline_s
         seen = 0
         while time.monotonic() < end:
@@ -82,15 +130,25 @@ class Agent:
         """
         return [e["pid"] for e in self.snapshot() if e.get("event") == "worker" and _alive(e["pid"])]
 
+    def worker_pid(self, rank: int) -> int:
+        """The pid of the first worker that logged ``rank``."""
+        return next(e["pid"] for e in self.snapshot() if e["event"] == "worker" and e["rank"] == rank)
+
+    def kill_worker(self, rank: int = 1) -> int:
+        """SIGKILL the first worker that logged ``rank`` (its agent restarts the world); returns its pid."""
+        victim = self.worker_pid(rank)
+        os.kill(victim, signal.SIGKILL)
+        return victim
+
     def kill(self) -> None:
-        """SIGKILL this agent's workers and the agent itself, as a lost node."""
+        """SIGKILL this agent's workers and the agent itself, as a lost node.
+
+        Workers survive their agent's SIGKILL, so each is killed by pid, and waited for.
+        """
         pids = self.worker_pids()
         assert pids, f"{self.name}: no live worker pids known; events {self.snapshot()}"
         for pid in [*pids, self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _sigkill(pid)
         self.proc.wait(timeout=10)
         end = time.monotonic() + 10
         while any(_alive(pid) for pid in pids):
@@ -98,6 +156,7 @@ class Agent:
             time.sleep(0.01)
 
     def stop(self) -> None:
+        """Teardown: SIGKILL the agent's process group and its workers, if it still runs."""
         if self.proc.poll() is None:
             pids = self.worker_pids()
             try:
@@ -105,11 +164,15 @@ class Agent:
             except ProcessLookupError:
                 pass
             for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _sigkill(pid)
             self.proc.wait(timeout=10)
+
+
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # already gone
 
 
 def _alive(pid: int) -> bool:
@@ -119,3 +182,112 @@ def _alive(pid: int) -> bool:
         return False
     return state != "Z"
 
+
+def stop_all(stoppables: Iterable) -> None:
+    """Teardown of agents (and a lighthouse): ``stop()`` each in order, every one even if one fails."""
+    first_error: BaseException | None = None
+    for thing in stoppables:
+        try:
+            thing.stop()
+        except BaseException as error:  # noqa: BLE001 - raised below, once the rest are stopped
+            first_error = first_error or error
+    if first_error is not None:
+        raise first_error
+
+
+def wait_listening(port: int, proc: subprocess.Popen, deadline_s: float, timeout_message: str, log: Callable[[], str]) -> None:
+    """Poll until something listens on 127.0.0.1:``port``; fail at once, showing ``log()``, if ``proc`` exits."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None, log()
+        time.sleep(0.02)
+    raise AssertionError(timeout_message)
+
+
+def wait_port(port: int, agent: Agent, deadline_s: float = 30) -> None:
+    """Wait until ``agent`` (the first of several) hosts its rendezvous store on ``port``."""
+    wait_listening(port, agent.proc, deadline_s, f"rendezvous port {port} never opened", agent.stderr_tail)
+
+
+def wait_for_file(path: Path, agent: Agent, deadline_s: float, message: str) -> None:
+    """Poll until ``path`` exists; fail with ``message`` and the stderr tail at the deadline or if ``agent`` exits."""
+    end = time.monotonic() + deadline_s
+    while not path.exists():
+        assert time.monotonic() < end and agent.proc.poll() is None, f"{message}: {agent.stderr_tail()}"
+        time.sleep(0.01)
+
+
+def run_to_done(agent: Agent, deadline_s: float = 150) -> dict:
+    """Rank 0's ``done`` line, then the agent's exit (30 s); the agent is stopped either way."""
+    try:
+        done = agent.wait_for(lambda e: e["event"] == "done", deadline_s, "done line")
+        agent.proc.wait(timeout=30)
+        return done
+    finally:
+        agent.stop()
+
+
+def run_to_exit(agent: Agent, deadline_s: float = 90) -> None:
+    """Wait up to ``deadline_s`` for the agent to exit by itself; it is stopped either way."""
+    try:
+        agent.proc.wait(timeout=deadline_s)
+    finally:
+        agent.stop()
+
+
+@dataclass(frozen=True)
+class WorkerKill:
+    """What rank 0 logged around one SIGKILLed worker."""
+
+    killed_at: float  # time.monotonic() just after the SIGKILL
+    resumed: dict  # the first "resumed" line
+    done: dict  # the "done" line
+
+
+def kill_worker_then_finish(
+    agent: Agent, ready: Callable[[dict], bool], what: str, ready_s: float = 90, resumed_s: float = 90, done_s: float = 150
+) -> WorkerKill:
+    """Wait for a line ``ready`` accepts, SIGKILL rank 1, wait for the resume, then run to done.
+
+    The agent is stopped either way.
+    """
+    try:
+        agent.wait_for(ready, ready_s, what)
+        agent.kill_worker(1)
+        killed_at = time.monotonic()
+        resumed = agent.wait_for(lambda e: e["event"] == "resumed", resumed_s, "resumed line")
+        done = run_to_done(agent, done_s)
+    finally:
+        agent.stop()
+    return WorkerKill(killed_at, resumed, done)
+
+
+def step_reached_by(agent: Agent, t: float) -> int:
+    """The highest step of a ``progress`` line that arrived by ``time.monotonic()`` == ``t`` (0 if none)."""
+    return max((e["step"] for e in agent.snapshot() if e["event"] == "progress" and e["_t"] <= t), default=0)
+
+
+def events_of_every_agent(agents: Iterable[Agent]) -> list[tuple[dict, str]]:
+    """(JSON line, agent name) of every agent, in arrival order.
+
+    Rank 0 prints the lines on whichever agent the rendezvous ordered first (by address, then pid),
+    which can change at every restart.
+    """
+    return sorted(((e, agent.name) for agent in agents for e in agent.snapshot()), key=lambda pair: pair[0]["_t"])
+
+
+def blocking_fs_env(tmp_path: Path, match: str, marker: Path) -> dict[str, str]:
+    """Env for workers that register ``blockingfile://`` (see ``tests/faulty_fs.py``): the first write of a
+    file whose path contains ``match`` parks after one chunk and writes the writer's pid to ``marker``."""
+    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, SITECUSTOMIZE
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return {
+        "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        BLOCK_MATCH_ENV: match, BLOCK_MARKER_ENV: str(marker),
+    }
