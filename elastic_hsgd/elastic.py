@@ -30,7 +30,18 @@ GENERATION_FILE = "GENERATION.json"
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """Who this worker is, as torchelastic set it up."""
+    """Who this worker is, as torchelastic set it up; returned by :func:`init_distributed`.
+
+    Attributes:
+        rank, world_size: this process in the default process group.
+        local_rank, local_world_size: ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``, the
+            processes torchrun started on this node (``"local"`` in a hierarchy).
+        node_rank: ``GROUP_RANK``, the index of this node's agent in the rendezvous.
+        restart_count: ``TORCHELASTIC_RESTART_COUNT``; differs between nodes, so use
+            :func:`next_generation` for a job-wide counter.
+        run_id: ``TORCHELASTIC_RUN_ID`` (``"none"`` outside torchrun).
+        backend: the process group's backend, ``"nccl"`` or ``"gloo"``.
+    """
 
     rank: int
     local_rank: int
@@ -53,6 +64,18 @@ def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(
     The explicit ``timeout`` matters: a collective with a lost peer fails
     after it (gloo's default is 30 minutes), which is what lets torchelastic
     notice the loss and re-form the world.
+
+    ``backend`` defaults to ``"nccl"`` when CUDA is available (then the current
+    device is set to ``LOCAL_RANK``), else ``"gloo"``. If the default process
+    group already exists it is kept. Logs this worker's place at INFO.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs torchrun")
+        >>> from datetime import timedelta
+        >>> info = init_distributed(timeout=timedelta(seconds=30))
+        >>> info.rank, info.world_size, info.local_world_size
+        (0, 4, 4)
     """
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -91,6 +114,12 @@ class PostLocalSGDCounter:
     optimizer step. :meth:`state_dict` and :meth:`load_state_dict` check that
     they do, so gradient accumulation outside ``ddp.no_sync()`` (which would end
     the hook's warmup early) is an error at the first save, not a silent drift.
+
+    Made by :func:`attach_post_local_sgd`; put it in the checkpointed state::
+
+        >>> # xdoctest: +SKIP("needs a process group")
+        >>> hook = attach_post_local_sgd(ddp, averager)
+        >>> state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
     """
 
     def __init__(self, hook_state: PostLocalSGDState, averager: HierarchicalModelAverager) -> None:
@@ -112,6 +141,11 @@ class PostLocalSGDCounter:
             )
 
     def state_dict(self) -> dict[str, Any]:
+        """The hook's iteration counter, its warmup and the averager's step, as plain ints.
+
+        Raises ``ValueError`` if the hook's count of backward passes does not
+        match the averager's count of optimizer steps.
+        """
         self._check(self.hook_state.iter, self.averager.step, "saving the post-local-SGD counter")
         return {
             "iter": self.hook_state.iter,
@@ -120,6 +154,11 @@ class PostLocalSGDCounter:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the hook's iteration counter from :meth:`state_dict`'s output.
+
+        Raises ``ValueError`` if the saved warmup differs from this run's, or if
+        the saved counter and averager step disagree.
+        """
         if int(state["start_localSGD_iter"]) != self.hook_state.start_localSGD_iter:
             raise ValueError(
                 f"checkpoint's post-local-SGD hook started local SGD at iteration "
@@ -143,6 +182,24 @@ def attach_post_local_sgd(
     one is given, which must sit below the averager's lowest level (torch's
     docstring: the intra-machine level lives in the hook); with no subgroup,
     gradients stay local and only the averager communicates.
+
+    Returns the hook's checkpointable :class:`PostLocalSGDCounter`. Raises
+    ``ValueError`` if ``subgroup`` is not smaller than, or does not divide, the
+    averager's lowest level.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs torchrun")
+        >>> ddp = DistributedDataParallel(model)
+        >>> averager = HierarchicalModelAverager({4: 4, 16: "world"}, warmup_steps=20)
+        >>> hook = attach_post_local_sgd(ddp, averager)   # DDP all-reduces only during warmup
+
+    Or keep all-reducing gradients inside pairs after warmup, below the
+    averager's lowest level (groups of 4)::
+
+        >>> # xdoctest: +SKIP("needs torchrun")
+        >>> pairs, _ = dist.new_subgroups(2)
+        >>> hook = attach_post_local_sgd(ddp, averager, subgroup=pairs)
     """
     if subgroup is not None:
         size, lowest = dist.get_world_size(subgroup), averager.levels[0].group_size
@@ -166,6 +223,17 @@ def next_generation(manager: CheckpointManager) -> int:
 
     ``TORCHELASTIC_RESTART_COUNT`` differs between nodes; this does not: rank 0
     of each new world reads, increments and atomically rewrites it, and shares it.
+
+    The counter lives in ``GENERATION.json`` at the manager's URL: 0 on the
+    first start (or after an unreadable file, with a warning), then one more on
+    every (re)start of the world. :func:`resume` calls it; call it yourself only
+    when you load checkpoints another way. Raises ``RuntimeError`` on every rank
+    if rank 0 cannot update the file.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs a process group")
+        >>> generation = next_generation(manager)   # the same value on every rank
     """
     value: int | None = None
     error: str | None = None
@@ -196,6 +264,16 @@ class Resumed:
     loop runs ``range(step, total)``; ``checkpoint`` is the label loaded
     (equal to ``step``), or ``None`` on a fresh start. A step-0 checkpoint is
     a real checkpoint: test ``checkpoint is None``, never truthiness.
+
+    Attributes:
+        step: optimizer steps already done; 0 on a fresh start.
+        previous_world_size: the world size the checkpoint was saved at, or
+            ``None`` on a fresh start.
+        generation: the job-wide start counter from :func:`next_generation`.
+        checkpoint: the label loaded, or ``None`` on a fresh start.
+        source: where the state came from: ``"local"`` (every rank read its own
+            node's copy), ``"buddy"`` (some rank used a copy held on another
+            node), ``"cloud"``, or ``None`` when nothing was loaded.
     """
 
     step: int

@@ -6,6 +6,18 @@
 
 Nothing here is imported by the rest of the package: without torchft installed
 (or without ``TORCHFT_LIGHTHOUSE`` set) nothing changes.
+
+The names above are importable from here; torchft is imported on first use::
+
+    >>> # xdoctest: +SKIP("needs torchft, a lighthouse and torchrun")
+    >>> from elastic_hsgd import HierarchicalModelAverager
+    >>> from elastic_hsgd.ft import ReplicaGroups, join, make_manager, sync_until_committed
+    >>> top = ReplicaGroups()
+    >>> averager = HierarchicalModelAverager({2: "local", 8: "world", 32: "replicas"}, warmup_steps=20, top_level=top)
+    >>> make_manager(top, state, replica_group="0")     # needs TORCHFT_LIGHTHOUSE
+    >>> joined = join(averager, ddp.parameters(), top)  # joined.heal: None unless healed from a peer
+
+See ``docs/fault-tolerance.md`` for the whole job.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ _WHERE = {
 
 
 def __getattr__(name: str) -> Any:
+    """Import one of ``__all__`` from its submodule on first access."""
     # Lazy, so importing elastic_hsgd.ft does not need torchft until it is used.
     if name in _WHERE:
         import importlib

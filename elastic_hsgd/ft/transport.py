@@ -43,7 +43,14 @@ SOURCE_HEADER = "X-Replica-Group"
 
 @dataclass(frozen=True)
 class Received:
-    """What the last :meth:`SafeHTTPTransport.recv_checkpoint` fetched."""
+    """What the last :meth:`SafeHTTPTransport.recv_checkpoint` fetched.
+
+    Attributes:
+        source_replica_group: the serving peer's replica group id ("" if it sent none).
+        step: the step healed to.
+        bytes: size of the payload.
+        seconds: time from the request to the decoded state.
+    """
 
     source_replica_group: str
     step: int
@@ -100,9 +107,16 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
         self._thread.start()
 
     def metadata(self) -> str:
+        """The URL prefix joiners fetch from, ``http://<hostname>:<port>/heal/``; torchft passes it to them."""
         return f"http://{self._hostname}:{self._server.server_address[1]}{PATH_PREFIX}"
 
     def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: dict, timeout: timedelta) -> None:
+        """Serve ``state_dict`` for ``step`` to joiners until the next call or :meth:`disallow_checkpoint`.
+
+        The state is encoded at once into bytes of its own, so training may go
+        on changing its tensors while joiners download. ``dst_ranks`` is only
+        logged: any joiner that asks for this step gets it.
+        """
         # Encoded now, into bytes of its own: training may change the tensors as
         # soon as this returns, while a joiner is still downloading.
         data = b"".join(bytes(chunk) for chunk in serialize(state_dict))
@@ -112,6 +126,7 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
         logger.info("serving step %d (%.1f MB) to replica ranks %s", step, len(data) / 1e6, dst_ranks)
 
     def disallow_checkpoint(self) -> None:
+        """Stop serving: a request then waits up to the timeout for a :meth:`send_checkpoint` of its step, else gets 404."""
         with self._changed:
             self._served = None
 
@@ -127,6 +142,14 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
             return self._served[1]
 
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> dict:
+        """Fetch and decode the state a peer serves for ``step``; ``metadata`` is the peer's :meth:`metadata`.
+
+        Only ``http://`` URLs are fetched, the body must match its
+        ``Content-Length``, and the bytes must be in the package's pickle-free
+        format; anything else raises ``ValueError``. Decoded tensors are views
+        of one writable buffer. Sets :attr:`last_received` (source replica
+        group, step, bytes, seconds).
+        """
         url = f"{metadata}{step}"
         if urlparse(url).scheme != "http":
             raise ValueError(f"heal source {url!r} is not an http:// URL; refusing to fetch it.")
@@ -146,6 +169,7 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
         return payload
 
     def shutdown(self, wait: bool = True) -> None:
+        """Stop the HTTP server and close its socket; with ``wait``, join its thread."""
         self._server.shutdown()
         self._server.server_close()
         if wait:

@@ -47,6 +47,19 @@ def make_manager(
     ``timeout`` bounds a cross-group collective with a lost group, the commit
     vote and a heal download; ``quorum_timeout`` how long a sync waits for the
     lighthouse to issue a quorum (a joiner waits for the others' next sync).
+
+    ``lighthouse`` defaults to ``TORCHFT_LIGHTHOUSE``; ``hostname``, the name
+    other groups reach this rank by for heals, to ``ELASTIC_HSGD_FT_HOSTNAME``
+    (the pod IP in ``deploy/ft``), else this host's name. Returns ``top``.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs torchft, a lighthouse and torchrun")
+        >>> top = ReplicaGroups()
+        >>> averager = HierarchicalModelAverager({2: "local", 8: "world", 32: "replicas"}, top_level=top)
+        >>> state = {"model": model, "optimizer": opt, "averager": averager, "post_local_sgd": hook}
+        >>> make_manager(top, state, replica_group="0", timeout=timedelta(seconds=10))
+        >>> joined = join(averager, ddp.parameters(), top)   # right after: see the module docstring
     """
     from torchft import Manager
     from torchft.process_group import ProcessGroupGloo
@@ -86,6 +99,14 @@ def make_manager(
 
 @dataclass(frozen=True)
 class Joined:
+    """What :func:`join` did.
+
+    Attributes:
+        step: the averager's step after joining (the peer's, if this group healed).
+        heal: the :class:`~.replicas.Heal` this group went through, or ``None``
+            when no live group was ahead (then resume from the durable checkpoint).
+    """
+
     step: int
     heal: Heal | None
 
@@ -96,6 +117,15 @@ def sync_until_committed(averager: Any, params: Iterable[Any], top: ReplicaGroup
     Returns the heal it went through, if any (the peer's state, step included:
     the averager steps before a top-level sync, so a captured state always
     says where training resumes).
+
+    Use it to end training on a cross-group sync, so every group finishes
+    with the same parameters::
+
+        >>> # xdoctest: +SKIP("needs torchft, a lighthouse and torchrun")
+        >>> for step in range(start, steps):
+        ...     train_one_step()
+        ...     averager.average_parameters(ddp.parameters())
+        >>> sync_until_committed(averager, ddp.parameters(), top)
     """
     params = list(params)
     heal = None
@@ -113,6 +143,16 @@ def join(averager: Any, params: Iterable[Any], top: ReplicaGroups) -> Joined:
     If live groups are ahead, this group heals from one of them (no checkpoint
     read) and returns its new step with :class:`Heal`; otherwise everyone is
     starting and ``heal`` is ``None`` (resume from the durable checkpoint then).
+
+    Call it right after :func:`make_manager`, before the first training step::
+
+        >>> # xdoctest: +SKIP("needs torchft, a lighthouse and torchrun")
+        >>> make_manager(top, state, replica_group="0")
+        >>> joined = join(averager, ddp.parameters(), top)
+        >>> if joined.heal is None:
+        ...     start = resume(checkpoints, state, averager).step
+        ... else:
+        ...     start = joined.step
     """
     heal = sync_until_committed(averager, params, top)
     return Joined(averager.step, heal)
