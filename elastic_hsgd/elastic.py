@@ -5,13 +5,22 @@ Every membership change under torchelastic restarts all workers, so "elastic"
 here means: each start builds everything for the current world, validates the
 hierarchy before the first averaging step, and resumes from the newest
 checkpoint.
+
+**Per-rank RNG.** Ranks seed torch identically so that every rank builds the
+same model; afterwards their random streams (dropout, augmentation) must
+differ. A same-world resume restores each rank's saved RNG state; on a fresh
+start, or when the world size changed (the saved states belong to other
+ranks), :func:`resume` reseeds each rank with :func:`rank_seed`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -256,6 +265,42 @@ def next_generation(manager: CheckpointManager) -> int:
     return value
 
 
+RANK_SEED_DOMAIN = "elastic_hsgd.rank_seed"
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of ``rank``'s random streams from ``step`` on: a pure function, in ``[0, 2**63)``.
+
+    It is the first 8 bytes (big-endian) of
+    ``sha256(f"elastic_hsgd.rank_seed/{seed}/{step}/{rank}".encode())``, with the
+    top bit cleared, so it fits every seeding API (torch, numpy, Python). A fixed
+    hash, not Python's salted ``hash()``: the same on every machine and run.
+    Neighbouring ranks, steps and seeds get unrelated streams.
+
+    Example::
+
+        >>> rank_seed(0, 100, 1) == rank_seed(0, 100, 1)
+        True
+        >>> len({rank_seed(0, 100, rank) for rank in range(8)})
+        8
+    """
+    for name, value, minimum in (("seed", seed, None), ("step", step, 0), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            bound = "an int" if minimum is None else f"an int >= {minimum}"
+            raise ValueError(f"rank_seed: {name}={value!r} must be {bound}.")
+    digest = hashlib.sha256(f"{RANK_SEED_DOMAIN}/{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def seed_rank(value: int) -> None:
+    """Seed torch (CPU and every CUDA device), Python's ``random`` and, if imported, numpy's global RNG."""
+    torch.manual_seed(value)  # also seeds every CUDA device (lazily, where CUDA is not initialised yet)
+    random.seed(value)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed([value & 0xFFFFFFFF, value >> 32])  # numpy takes 32-bit words
+
+
 @dataclass(frozen=True)
 class Resumed:
     """Where a (re)started worker begins.
@@ -284,7 +329,13 @@ class Resumed:
 
 
 def resume(
-    manager: CheckpointManager, state: dict[str, Any], averager: HierarchicalModelAverager, *, strict: bool = True
+    manager: CheckpointManager,
+    state: dict[str, Any],
+    averager: HierarchicalModelAverager,
+    *,
+    strict: bool = True,
+    seed: int | None = None,
+    reseed: bool = True,
 ) -> Resumed:
     """Load the newest checkpoint into ``state`` and log what was resumed. Collective.
 
@@ -309,6 +360,21 @@ def resume(
     top level spans the world, all before the first averaging step. The
     checkpoint label is the number of optimizer steps done, which is also the
     averager's step (it counts ``average_parameters`` calls, one per optimizer step).
+
+    **RNG.** A same-world resume restores every rank's saved RNG state. On a
+    fresh start, or when the world size changed (then no rank's saved state is
+    its own), every rank is reseeded with ``rank_seed(seed, step, rank)``
+    (:func:`rank_seed`): torch (CPU and CUDA), Python's ``random`` and numpy's
+    global RNG if numpy is imported, logged at INFO. The same job then draws the
+    same per-rank numbers on every run, and no two ranks share a stream (e.g.
+    dropout masks). ``seed=None`` takes ``torch.initial_seed()``, the seed the
+    script gave ``torch.manual_seed`` before building the model; pass the run's
+    seed to make it explicit. Build everything that must be equal on every rank
+    (the model's initial weights) before calling ``resume``. ``reseed=False``
+    leaves the RNG as it is (today's streams: equal on every rank after a world
+    change). With ``CheckpointManager(include_rng=False)`` nothing is restored,
+    so every resume reseeds. In torchft replica-group mode ranks repeat across
+    groups: pass a seed that differs per group.
     """
     generation = next_generation(manager)
     step = manager.load_latest(state, strict=strict)
@@ -316,6 +382,16 @@ def resume(
     if step is not None and averager.step != step:
         raise ValueError(f"checkpoint step {step} but the averager resumed at step {averager.step}: was it in `state`?")
     world = manager.world_size
+    rng_restored = step is not None and previous == world and getattr(manager, "include_rng", True)
+    if reseed and not rng_restored:
+        base = torch.initial_seed() if seed is None else seed
+        value = rank_seed(base, 0 if step is None else step, manager.rank)
+        seed_rank(value)
+        logger.info(
+            "reseeded rank %d: torch seed %d from (seed %d, step %d, rank %d) (%s)",
+            manager.rank, value, base, 0 if step is None else step, manager.rank,
+            "fresh start" if step is None else f"world size {previous} -> {world}" if previous != world else "RNG not in the checkpoint",
+        )
     if manager.rank == 0:
         if step is None:
             logger.info("generation %d: no checkpoint at %s, starting at step 0 with world size %d", generation, manager.url, world)
