@@ -44,12 +44,22 @@ def parse_hierarchy(text: str) -> dict[int, int | str]:
     return levels
 
 
+# One level that fits any world on one machine: there "local" is the whole world, so a
+# "local" level below "world" would average the same group twice (the averager warns).
+DEFAULT_HIERARCHY = "8:world"
+
+
 def add_job_arguments(p: argparse.ArgumentParser, *, checkpoint_url: str, steps: int, batch_size: int, lr: float) -> None:
     """The flags every example job has (checkpointing, hierarchy, schedule, fault handling)."""
     p.add_argument("--checkpoint-url", default=checkpoint_url, help="any fsspec URL or local folder")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--hierarchy", default="2:local,8:world", help="PERIOD:SIZE,... with SIZE an int, 'local' or 'world'")
+    p.add_argument(
+        "--hierarchy", default=DEFAULT_HIERARCHY,
+        help=f"PERIOD:SIZE,... with SIZE an int, 'local' or 'world' (default {DEFAULT_HIERARCHY}: the whole world every "
+        "8 steps, which fits one machine at any world size; on several nodes add a node level, e.g. 2:local,8:world, "
+        "and on one node a subgroup level, e.g. 2:2,8:world)",
+    )
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=batch_size, help="per worker")

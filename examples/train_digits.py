@@ -2,10 +2,12 @@
 
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1 --nproc-per-node=4 \\
         --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29400 --max-restarts=3 \\
-        examples/train_digits.py --steps 300 --hierarchy 2:local,8:world
+        examples/train_digits.py --steps 300 --hierarchy 2:2,8:world
 
 DDP with torch's post-local-SGD hook for warmup, then hierarchical parameter
-averaging; checkpoints every ``--checkpoint-every`` steps to ``--checkpoint-url``
+averaging (default ``--hierarchy 8:world``: one level, which fits one machine at
+any world size; on several nodes ``2:local,8:world`` adds a level inside each
+node); checkpoints every ``--checkpoint-every`` steps to ``--checkpoint-url``
 (any fsspec URL) and resumes from the newest one on every (re)start, at any
 world size. Rank 0 prints JSON lines: ``started``/``resumed``, ``progress``,
 ``checkpoint`` and finally ``done`` with a hash of the final parameters.
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     if joined is not None and joined.heal is not None:
         resumed = Resumed(joined.step, None, -1)  # healed from a peer (the "healed" line): the checkpoint is not read
     else:
-        resumed = resume(manager, state, averager)
+        # Per-rank RNG after a fresh start or a world-size change (see elastic.resume); replica groups repeat ranks.
+        resumed = resume(manager, state, averager, seed=args.seed if top is None else args.seed + 7919 * args.replica_group_id)
         announce(info, resumed, averager)
     with progress_bar(info, args.steps, resumed.step) as progress:
         loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test), top)

@@ -2,7 +2,7 @@
 
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1 --nproc-per-node=4 \\
         --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29400 --max-restarts=3 \\
-        examples/train_lm.py --steps 600 --hierarchy 2:local,32:world
+        examples/train_lm.py --steps 600 --hierarchy 2:2,32:world
 
 A decoder-only transformer (causal self-attention, ~1.8 M parameters by
 default) learns to predict the next byte of real text that every machine has
@@ -14,8 +14,11 @@ the ``started``/``resumed`` event: two runs agree on their data iff it matches.
 
 Flags, checkpoints, elastic resume and JSON events are the digits example's
 (``examples/common.py``); ``progress`` and ``done`` report ``val_loss`` in
-nats per byte (ln 256 = 5.55 is a uniform guess). Each rank's batch is a pure
-function of (seed, step, rank, world size), so a resumed run is bit-identical.
+nats per byte (ln 256 = 5.55 is a uniform guess). Training windows come from an
+:class:`~elastic_hsgd.data.ElasticSampler` over every window start: one seeded
+permutation per epoch, walked by the whole world one global batch at a time.
+Its position is checkpointed, so a resumed run is bit-identical and a resume
+at another world size (4 -> 2 -> 4) continues at the same global position.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common import add_job_arguments, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
 from elastic_hsgd import HierarchicalModelAverager
+from elastic_hsgd.data import ElasticSampler
 from elastic_hsgd.elastic import attach_post_local_sgd, resume
 
 log = logging.getLogger("train_lm")
@@ -120,11 +124,28 @@ def load_corpus(budget_bytes: int, val_file_every: int = 10, root: str | None = 
     return Corpus(as_tensor(train), as_tensor(val), digest.hexdigest(), files, val_files, str(base))
 
 
-def lm_batch(data: torch.Tensor, seed: int, step: int, rank: int, world_size: int, batch_size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (inputs, next-byte targets), ``batch_size x context`` each: a pure function of its arguments."""
-    starts = batch_indices(seed, step, rank, world_size, batch_size, len(data) - context)
+def lm_windows(data: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, next-byte targets), ``len(starts) x context`` each, of the windows beginning at ``starts``."""
     windows = data[starts[:, None] + torch.arange(context + 1)].long()
     return windows[:, :-1], windows[:, 1:]
+
+
+def lm_batch(data: torch.Tensor, seed: int, step: int, rank: int, world_size: int, batch_size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (inputs, next-byte targets), ``batch_size x context`` each: independent random windows,
+    a pure function of its arguments (``bench/convergence.py``'s batches; the job uses :func:`window_sampler`)."""
+    return lm_windows(data, batch_indices(seed, step, rank, world_size, batch_size, len(data) - context), context)
+
+
+def window_sampler(data: torch.Tensor, context: int, batch_size: int, seed: int, rank: int, world_size: int) -> ElasticSampler:
+    """The job's batches: every window start of ``data`` (``len(data) - context`` of them) in one
+    seeded order per epoch, ``batch_size`` per rank per step; checkpoint it as a state entry."""
+    return ElasticSampler(len(data) - context, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+def endless(sampler: ElasticSampler):
+    """The sampler's batches, epoch after epoch (each pass starts at the sampler's current state)."""
+    while True:
+        yield from sampler
 
 
 def val_windows(data: torch.Tensor, count: int, context: int) -> torch.Tensor:
@@ -218,11 +239,14 @@ def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
 def train(args, info, device, ddp, state, manager, start_step, progress, corpus: Corpus, held_out: torch.Tensor) -> float:
     """Steps ``start_step .. args.steps - 1``; returns the last loss."""
     model, optimizer = state["model"], state["optimizer"]
+    # One batch per step, counted as it is drawn: the sampler's state saved after a step is the
+    # position of the next step's batch (no prefetching loader in between, so no track()).
+    batches = endless(state["data"])
 
     def train_step(step: int) -> torch.Tensor:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.lr_warmup_steps)
-        inputs, targets = lm_batch(corpus.train, args.seed, step, info.rank, info.world_size, args.batch_size, args.context)
+        inputs, targets = lm_windows(corpus.train, torch.tensor(next(batches)), args.context)
         optimizer.zero_grad(set_to_none=True)
         loss = lm_loss(ddp, inputs.to(device), targets.to(device))
         loss.backward()
@@ -267,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
     hook = attach_post_local_sgd(ddp, averager, subgroup=gradient_group(args.gradient_group, info))
     manager = checkpoint_manager(args)
-    state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
-    resumed = resume(manager, state, averager)
+    sampler = window_sampler(corpus.train, args.context, args.batch_size, args.seed, info.rank, info.world_size)
+    state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook, "data": sampler}
+    resumed = resume(manager, state, averager, seed=args.seed)  # per-rank RNG after a fresh start or a world change
     announce(
         info, resumed, averager, corpus_sha256=corpus.sha256, corpus_files=corpus.files, val_files=corpus.val_files,
         train_bytes=len(corpus.train), val_bytes=len(corpus.val), parameters=sum(p.numel() for p in model.parameters()),
