@@ -163,3 +163,19 @@ def test_rank_and_world_size_default_from_torch_distributed(single_process_group
     monkeypatch.setenv("WORLD_SIZE", "8")  # the initialized process group wins
     sampler = ElasticSampler(10, 2)
     assert (sampler.rank, sampler.world_size) == (0, 1)
+
+
+def test_the_sampler_is_a_checkpoint_entry_resumed_at_another_world_size(tmp_path):
+    from elastic_hsgd import CheckpointManager
+
+    sampler = ElasticSampler(50, batch_size=4, seed=3, rank=0, world_size=1)
+    seen = [i for _, batch in zip(range(5), sampler) for i in batch]
+    manager = CheckpointManager(str(tmp_path / "ckpt"))
+    manager.save(5, {"data": sampler})
+    two = _world(2, num_samples=50, batch_size=4, seed=3)
+    for s in two:
+        manager.load(5, {"data": s})
+    manager.close()
+    assert two[1].state_dict() == {"epoch": 0, "position": 20}
+    seen += _steps(two, [iter(s) for s in two], len(two[0]))
+    assert sorted(seen) == list(range(50))
