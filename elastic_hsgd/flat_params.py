@@ -76,7 +76,7 @@ class AveragingInputs:
       of a flat buffer; they alone go through the copy path (warned once), the
       rest stay on the flat path.
     - float16/bfloat16 parameters keep their own flat buffer, averaged in
-      float32 and rounded once (the averager's ``_mean_in_place``)
+      float32 and rounded once (:func:`elastic_hsgd.levels.plain.mean_in_place`).
     - An iterable with tensors but no gradients (``model.buffers()``) warns once.
     """
 
@@ -112,7 +112,7 @@ class AveragingInputs:
             )
         flat, by_copy, odd = [], [], []
         for position, tensor in selected:
-            if not _flattenable(tensor):
+            if not flattenable(tensor):
                 by_copy.append(tensor)
                 odd.append((position, tensor))
             else:
@@ -141,7 +141,8 @@ def _by_kind(params: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype
     return groups
 
 
-def _flattenable(tensor: torch.Tensor) -> bool:
+def flattenable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` can be a view of a flat buffer: dense (strided) and contiguous."""
     return tensor.layout == torch.strided and tensor.is_contiguous()
 
 
@@ -163,7 +164,7 @@ class FlatParameterBuffers:
         pointers = tuple(p.data_ptr() for p in params)
         if ids == self._ids and pointers == self._pointers and self._buffers:
             return self._buffers
-        if not all(_flattenable(p) for p in params):
+        if not all(flattenable(p) for p in params):
             return None
         self._flatten(params)
         return self._buffers

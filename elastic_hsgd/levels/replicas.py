@@ -1,0 +1,134 @@
+"""The ``"replicas"`` top level's contract: a level that spans more than this process group.
+
+The averager does not know about torchft: its top level is any object with the
+:class:`TopLevel` method, which averages flat buffers across replica groups
+and says whether the result was committed (torchft's lives in
+:mod:`elastic_hsgd.ft.replicas`). :class:`ReplicasLevel` is the averager's side
+of one such sync: what it hands the top level, and what a committed or
+discarded sync does to the parameters and the anchors.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from ..flat_params import FlatParameterBuffers, pack_by_kind, unpack_by_kind
+from .anchored import AnchoredLevel, AnchoredLevels
+from .base import Owner, flat_buffers_needed
+
+
+class TopLevel(Protocol):
+    """A top level that spans more than this process group (e.g. torchft replica groups).
+
+    The averager hands it the flat parameter buffers and its own group; it
+    averages them in place and says whether the result was committed (``False``:
+    the sync was discarded and the buffers are as they were).
+
+    Example (every rank of every replica group in one gloo group ``cross``)::
+
+        >>> # xdoctest: +SKIP("needs torch.distributed")
+        >>> class AllRanks:
+        ...     def average(self, flats, group, step):
+        ...         for flat in flats:
+        ...             cross.allreduce([flat]).wait()
+        ...             flat.div_(cross.size())
+        ...         return True
+        >>> averager = HierarchicalModelAverager({2: "world", 8: "replicas"}, top_level=AllRanks())
+    """
+
+    def average(self, flats: list[torch.Tensor], group: dist.ProcessGroup, step: int) -> bool:
+        """Average ``flats`` in place across the top level; ``True`` if committed, ``False`` if discarded."""
+        ...
+
+
+class ReplicasLevel:
+    """The averager's side of a top-level sync across replica groups.
+
+    Without an outer optimizer on the top level, the parameters (and packed
+    copies of those that cannot live in flat buffers) are averaged through
+    ``owner.top_level``; with one, the pseudo-gradient is, and the outer step
+    follows. A committed sync resets the anchored levels below; a discarded one
+    changes nothing. ``owner`` is read at each call: a group that heals inside
+    the sync loads a peer's state, step and anchors included.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs torch.distributed and a top level")
+        >>> top = ReplicasLevel(weakref.proxy(averager), period=32, flat=flat, anchors=anchors)
+        >>> flat_params, by_copy = AveragingInputs().split(model.parameters())
+        >>> committed = top.sync(flat_params, by_copy, averager.process_group)
+    """
+
+    def __init__(self, owner: Owner, period: int, flat: FlatParameterBuffers, anchors: AnchoredLevels) -> None:
+        self._owner = owner
+        self.period = period
+        self._flat = flat
+        self._anchors = anchors
+
+    def sync(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        """One sync of the top level (across replica groups); ``True`` if committed."""
+        anchors = self._anchors
+        anchored = anchors.level(self.period) if anchors.starts_at_top_sync else None
+        if anchored is None:
+            committed = self._average(flat, by_copy, group)
+        else:
+            if by_copy:
+                raise flat_buffers_needed(by_copy)
+            committed = self._outer_sync(anchored, flat, group)
+        if committed and anchors.state.started:
+            if anchored is None:
+                # A group that healed in this sync may hold the peer's anchors only as loaded
+                # state (it had none allocated): apply them before lower levels take the new params.
+                anchors.ready(flat)
+            anchors.reset_below(self.period, flat)
+        return committed
+
+    def _average(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        """``flat`` averaged in their buffers, ``by_copy`` through packed copies
+        (16-bit ones in float32), all in one call to the top level."""
+        buffers = self._flat.buffers_for(flat) if flat else []
+        assert buffers is not None  # AveragingInputs.split keeps only flattenable ones in flat
+        with torch.no_grad():
+            packed = pack_by_kind(by_copy)
+            committed = self._owner.top_level.average(list(buffers) + [t for _, t in packed], group, self._owner.step)
+            if committed:
+                for members, t in packed:
+                    unpack_by_kind(members, t)
+        return committed
+
+    def _outer_sync(self, lv: AnchoredLevel, params: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        """The anchored top level: an outer step on the pseudo-gradient averaged across groups.
+
+        Which mean a sync carries depends on state every group shares: with anchors
+        started, ``anchor - params`` (the outer step follows); before, the parameters
+        themselves (plain averaging; at or after warmup every anchor then starts at
+        that mean). A group that heals inside the sync contributes nothing and
+        adopts a live peer's state, anchors and outer-optimizer state included,
+        before the result is applied, so it reads the result as its peers do.
+        A discarded sync changes nothing: the next one carries the steps since.
+        """
+        anchors, owner = self._anchors, self._owner
+        buffers = anchors.ready(params)
+        with torch.no_grad():
+            for anchor, flat, delta in zip(lv.anchors, buffers, anchors.deltas):
+                if anchors.state.started:
+                    delta.copy_(anchor, non_blocking=anchor.device != delta.device)
+                    delta.sub_(flat)
+                else:
+                    delta.copy_(flat)
+            # A heal happens in here: it loads a peer's state into the parameters,
+            # the anchors and the outer optimizer (load_state_dict applies it at once,
+            # the anchors being allocated above).
+            if not owner.top_level.average(list(anchors.deltas), group, owner.step):
+                return False
+            if not anchors.state.started:
+                for flat, mean in zip(buffers, anchors.deltas):
+                    flat.copy_(mean)
+                if owner.step >= owner.warmup_steps:
+                    anchors.start_at(buffers)
+                return True
+            anchors.step_anchors(lv, list(zip(lv.anchors, anchors.deltas, buffers, anchors.host_grads)))
+        return True
