@@ -1,0 +1,71 @@
+"""The averager's own saved state: step, warmup and hierarchy, as plain Python values.
+
+Format :data:`STATE_FORMAT` (the ``"outer"`` entry, for anchored levels, is
+:mod:`elastic_hsgd.levels.outer_state`'s)::
+
+    {"format": 1, "step": int, "warmup_steps": int,
+     "config": [[period, size spec], ...],     # as configured: "local", "world", "replicas" or an int
+     "levels": [[period, group size], ...],    # as resolved for the world it was saved in
+     "world_size": int}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .hierarchy import GroupSizeSpec, Level
+
+#: Version of :meth:`HierarchicalModelAverager.state_dict`'s format.
+STATE_FORMAT = 1
+
+
+def capture(
+    step: int, warmup_steps: int, config: Sequence[tuple[int, GroupSizeSpec]], levels: Sequence[Level], world_size: int
+) -> dict[str, Any]:
+    """The state above, for the averager's ``state_dict``.
+
+    Example::
+
+        >>> capture(5, 2, ((2, "world"),), (Level(2, 4),), 4)["levels"]
+        [[2, 4]]
+    """
+    return {
+        "format": STATE_FORMAT,
+        "step": step,
+        "warmup_steps": warmup_steps,
+        "config": [[period, spec] for period, spec in config],
+        "levels": [[lv.period, lv.group_size] for lv in levels],
+        "world_size": world_size,
+    }
+
+
+def check_saved(saved: Mapping[str, Any], config: Sequence[tuple[int, GroupSizeSpec]], warmup_steps: int) -> int:
+    """The saved step, after checking ``saved`` has this hierarchy and warmup; raises if not.
+
+    Example::
+
+        >>> saved = capture(5, 2, ((2, "world"),), (Level(2, 4),), 4)
+        >>> check_saved(saved, ((2, "world"),), 2)
+        5
+    """
+    missing = {"step", "warmup_steps", "config", "world_size"} - set(saved)
+    if missing:
+        raise ValueError(f"averager state is missing {sorted(missing)}: was it made by state_dict()?")
+    saved_config = tuple((int(p), s) for p, s in saved["config"])
+    if saved_config != tuple(config):
+        raise ValueError(
+            f"checkpoint was saved with hierarchy {dict(saved_config)} but this averager has "
+            f"{dict(config)}: build the averager with the saved hierarchy, or start a "
+            "new run."
+        )
+    if int(saved["warmup_steps"]) != warmup_steps:
+        raise ValueError(
+            f"checkpoint was saved with warmup_steps={saved['warmup_steps']} but this "
+            f"averager has warmup_steps={warmup_steps}: use the saved value so warmup "
+            "is neither repeated nor cut short."
+        )
+    step = saved["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"saved step {step!r} is not a non-negative int.")
+    return step
