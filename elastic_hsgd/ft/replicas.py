@@ -41,7 +41,8 @@ class Heal:
 
 
 class ReplicaGroups:
-    """Top level of :class:`~elastic_hsgd.HierarchicalModelAverager` across torchft replica groups.
+    """Top level of :class:`~elastic_hsgd.HierarchicalModelAverager` across torchft replica groups
+    (a :class:`~elastic_hsgd.levels.replicas.TopLevel`).
 
     Built empty, because torchft's Manager needs the training state, which holds
     the averager, which holds this; :func:`elastic_hsgd.ft.wiring.make_manager`
@@ -69,9 +70,16 @@ class ReplicaGroups:
         self.last_heal: Heal | None = None
 
     def attach(self, manager: Any, transport: Any) -> None:
+        """Use ``manager`` (torchft's Manager) and its checkpoint ``transport`` from now on."""
         self.manager, self.transport = manager, transport
 
     def average(self, flats: list[torch.Tensor], group: dist.ProcessGroup, step: int) -> bool:
+        """Average ``flats`` in place across the replica groups in the quorum; ``True`` if committed.
+
+        The averager's :class:`~elastic_hsgd.levels.replicas.TopLevel` contract:
+        ``group`` is this replica group, ``step`` the averager's (already
+        stepped). ``False``: the sync was discarded and ``flats`` are unchanged.
+        """
         manager = self.manager
         if manager is None:
             raise RuntimeError("the replicas level has no torchft Manager yet: call elastic_hsgd.ft.make_manager first.")
