@@ -1,4 +1,4 @@
-"""Fault tolerance across replica groups on torchft (``pip install elastic_hsgd[ft]``).
+"""Fault tolerance across replica groups on torchft (from a clone: ``pip install -e .[ft]``).
 
 - :mod:`.replicas`: :class:`ReplicaGroups`, the ``"replicas"`` top level of the averager.
 - :mod:`.transport`: :class:`SafeHTTPTransport`, a pickle-free torchft ``CheckpointTransport``.
