@@ -4,8 +4,9 @@ A level that keeps an *anchor* (the parameters as they were when its group last
 synchronized) syncs by averaging the pseudo-gradient ``delta = anchor - params``
 over its group and stepping the anchor with it, instead of averaging the
 parameters themselves. These functions are that math on flat tensors; they never
-communicate. The averager calls them around its collectives, and the tests check
-them against a float64 reference without processes.
+communicate. The levels (:mod:`elastic_hsgd.levels`) call them around their
+collectives, and the tests check them against a float64 reference without
+processes.
 
 Wire format of a compressed level (``comm_dtypes``): each rank casts its delta
 to the wire dtype, every rank sums one ``1/n`` slice of everyone's wire values
