@@ -19,6 +19,7 @@ version 0.1 (record format 1, ``rank_*.ehsgd`` files) are still read.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,11 @@ _STEP_DIR = re.compile(r"^step_(\d{12})$")
 
 
 def step_dir_name(step: int) -> str:
+    """The folder of checkpoint ``step``, e.g. ``step_000000000042``; ``ValueError`` for a bad step.
+
+    >>> step_dir_name(42)
+    'step_000000000042'
+    """
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 10**12:
         raise ValueError(f"checkpoint step {step!r} must be an int in [0, 10**12).")
     return f"step_{step:012d}"
@@ -47,6 +53,11 @@ def parse_step_dir(name: str) -> int | None:
 
 
 def rank_file_name(rank: int, record_format: int = FORMAT_VERSION) -> str:
+    """The file of ``rank`` in a step folder of record format ``record_format``.
+
+    >>> rank_file_name(3), rank_file_name(3, 1)
+    ('rank_00003.safetensors', 'rank_00003.ehsgd')
+    """
     return f"rank_{rank:05d}{READABLE_FORMATS[record_format]}"
 
 
@@ -79,8 +90,20 @@ def structure_rank(rank: int, world_size: int, saved_world_size: int) -> int:
     return share[0] if share else rank % saved_world_size
 
 
+def files_to_read(rank: int, world_size: int, saved_world_size: int) -> list[int]:
+    """Every saved rank whose file ``rank`` opens when resuming: its share
+    (:func:`saved_ranks_to_read`) or, when that is empty, its :func:`structure_rank`.
+
+    >>> files_to_read(1, 2, 4), files_to_read(3, 4, 2)
+    ([1, 3], [1])
+    """
+    return saved_ranks_to_read(rank, world_size, saved_world_size) or [structure_rank(rank, world_size, saved_world_size)]
+
+
 @dataclass(frozen=True)
 class FileEntry:
+    """One rank file of a committed step, as its commit record gives it: name, checksum, size in bytes."""
+
     name: str
     checksum: str
     bytes: int
@@ -106,9 +129,11 @@ class CommitRecord:
 
     @property
     def total_bytes(self) -> int:
+        """The size of all the step's rank files."""
         return sum(f.bytes for f in self.files)
 
     def file_for_rank(self, rank: int) -> FileEntry:
+        """The entry of saved rank ``rank``'s file; ``ValueError`` if the record has none."""
         name = rank_file_name(rank, self.format)
         for entry in self.files:
             if entry.name == name:
@@ -116,6 +141,7 @@ class CommitRecord:
         raise ValueError(f"checkpoint of step {self.step} has no file {name}.")
 
     def to_json(self) -> dict[str, Any]:
+        """The record as the plain JSON object written to ``COMMIT.json`` (read back by :meth:`from_json`)."""
         return {
             "format": self.format,
             "step": self.step,
@@ -207,3 +233,18 @@ def summarize(value: Any, max_items: int = 64) -> Any:
     if isinstance(value, (list, tuple)):
         return [summarize(v, max_items) for v in value[:max_items]]
     return type(value).__name__
+
+
+def small_summaries(payload: dict[str, Any], names: list[str], limit: int = 16384) -> dict[str, Any]:
+    """The :func:`summarize` of each entry in ``names`` whose JSON is at most ``limit`` characters,
+    for a commit record's ``entries`` (e.g. the averager's step and hierarchy, for ``inspect``).
+
+    >>> small_summaries({"step": 3, "big": list(range(10000))}, ["step", "big"], limit=100)
+    {'step': 3}
+    """
+    out = {}
+    for name in names:
+        summary = summarize(payload[name])
+        if len(json.dumps(summary)) <= limit:
+            out[name] = summary
+    return out

@@ -1,4 +1,4 @@
-"""The mean of saved replicas, as pure functions over decoded payloads.
+"""The mean of saved replicas: pure functions over decoded payloads, and the collective that sums them.
 
 Resuming at a new world size gives every new rank the mean of all saved
 replicas: exactly what a global averaging step would have produced, so no
@@ -7,6 +7,10 @@ twice (grow). Every floating-point tensor in the payload is averaged
 (parameters, momentum, Adam's moments and its float ``step``); everything
 else (integer and bool tensors, numbers, strings) must be equal in every
 saved replica and is kept.
+
+:func:`mean_of_replicas` is the collective: each rank reads its share of the
+saved files, sums their floating tensors in float64, and one all_reduce adds
+the shares up. The rest is pure.
 
 Example::
 
@@ -24,10 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..collectives import Peers
+from .commit import Unusable
+from .layout import CommitRecord, saved_ranks_to_read, structure_rank
+from .state import RNG_KEY
+from .storage import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class Split:
         return torch.zeros(self.numel, dtype=torch.float64)
 
     def add_to(self, accumulator: torch.Tensor) -> None:
+        """Add this payload's floating tensors, flattened in tree order, into ``accumulator``."""
         offset = 0
         for tensor in self.floats:
             n = tensor.numel()
@@ -118,3 +130,54 @@ def first_difference(a: dict[str, str], b: dict[str, str]) -> str:
         if a.get(path) != b.get(path):
             return f"{path or '/'}: {a.get(path, 'missing')} vs {b.get(path, 'missing')}"
     return "no difference"
+
+
+def mean_of_replicas(record: CommitRecord, what: str, fetch: Callable[[int], dict[str, Any]], peers: Peers) -> dict[str, Any]:
+    """Collective: the mean of every saved replica's floating state, identical on every rank.
+
+    ``fetch(saved_rank)`` is a saved rank's decoded payload (from any tier).
+    Each rank reads its share of the saved files (:func:`~.layout.saved_ranks_to_read`),
+    sums their floating tensors in float64, and one all_reduce adds the shares up.
+    Non-floating state that differs between saved replicas is a
+    :class:`~.storage.CheckpointError` naming the first difference.
+    """
+    share = saved_ranks_to_read(peers.rank, peers.world_size, record.world_size)
+    first: Split | None = None
+    fingerprints: dict[int, str] = {}
+    entries: dict[int, dict[str, str]] = {}
+    error = None
+    total = None
+    try:
+        for saved_rank in share or [structure_rank(peers.rank, peers.world_size, record.world_size)]:
+            payload = fetch(saved_rank)
+            payload.pop(RNG_KEY, None)
+            part = split(payload)
+            del payload
+            if first is None:
+                first, total = part, part.accumulator()
+            fingerprints[saved_rank], entries[saved_rank] = part.fingerprint, part.entries
+            if share:
+                part.add_to(total)
+            part.floats.clear()  # frees this file's buffer before the next is read
+    except Exception as exc:  # noqa: BLE001 - agreed below
+        error = exc
+    peers.agree(error, what, soft=Unusable)
+    assert first is not None and total is not None
+    gathered: dict[int, str] = {}
+    for prints in peers.gather(fingerprints):
+        gathered.update(prints)
+    differing = sorted(r for r, f in gathered.items() if f != gathered[0])
+    if differing:
+        everyone: dict[int, dict[str, str]] = {}
+        for part_entries in peers.gather(entries):
+            everyone.update(part_entries)
+        detail = first_difference(everyone[0], everyone[differing[0]])
+        raise CheckpointError(
+            f"{what}: cannot average the saved replicas, their non-floating state differs "
+            f"(saved ranks {differing[:8]} differ from saved rank 0; first difference {detail}). "
+            "Integer state, such as step counters, must be equal on every rank; "
+            "resume at the saved world size instead."
+        )
+    peers.sum_(total)
+    total /= record.world_size
+    return first.fill(total)

@@ -50,6 +50,7 @@ def copy_to_cpu(value: Any, pool: dict[tuple, torch.Tensor] | None = None, path:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, Python, CUDA if in use, NumPy if installed), as tensors and plain values."""
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -65,6 +66,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the RNG states :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

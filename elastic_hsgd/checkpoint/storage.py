@@ -83,6 +83,7 @@ class RetryPolicy:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0.")
 
     def max_delay(self, attempt: int) -> float:
+        """The longest sleep after failed attempt ``attempt`` (from 0)."""
         return min(self.max_delay_s, self.base_delay_s * 2**attempt)
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
@@ -113,6 +114,7 @@ class Storage:
         self.policy = policy or RetryPolicy()
 
     def path(self, *parts: str) -> str:
+        """The filesystem path of ``parts`` under the root (joined with ``/``, never a pattern)."""
         return "/".join([self.root, *parts])
 
     def _call(self, what: str, path: str, fn: Callable[[], T]) -> T:
@@ -144,6 +146,14 @@ class Storage:
             self.rm_file(probe)
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"checkpoint URL {self.url!r} does not read back what was written: {_reason(exc)}. {advice}") from exc
+
+    def writable_error(self) -> str | None:
+        """:meth:`check_writable`'s failure as text (to be agreed by every rank), ``None`` if writable."""
+        try:
+            self.check_writable()
+        except CheckpointError as exc:
+            return str(exc)
+        return None
 
     # -- writing -----------------------------------------------------------
 
@@ -198,6 +208,7 @@ class Storage:
     # -- reading -----------------------------------------------------------
 
     def size(self, path: str) -> int:
+        """The size of the file at ``path`` in bytes (``FileNotFoundError`` if there is none)."""
         return int(self._call("sizing", path, lambda: self.fs.size(path)))
 
     def read_file(self, path: str, *, max_bytes: int = MAX_COMMIT_BYTES) -> bytes:
@@ -252,15 +263,18 @@ class Storage:
         return [s for s in self.step_dirs() if COMMIT_NAME in self.list_names(self.path(step_dir_name(s)))]
 
     def commit_path(self, step: int) -> str:
+        """The path of step ``step``'s commit record."""
         return self.path(step_dir_name(step), COMMIT_NAME)
 
     # -- deleting ----------------------------------------------------------
 
     def exists(self, path: str) -> bool:
+        """Whether ``path`` exists now (the listing cache is dropped first)."""
         self.fs.invalidate_cache(path)
         return bool(self._call("checking", path, lambda: self.fs.exists(path)))
 
     def rm_file(self, path: str) -> None:
+        """Delete one file; one that is already gone is fine."""
         try:
             self._call("deleting", path, lambda: self.fs.rm_file(path))
         except FileNotFoundError:
