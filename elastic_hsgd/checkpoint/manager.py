@@ -1,31 +1,36 @@
-"""CheckpointManager: collective, atomic, verified checkpoints to any fsspec URL."""
+"""CheckpointManager: collective, atomic, verified checkpoints to any fsspec URL, in tiers.
+
+The manager orchestrates; the tiers (:mod:`.tiers`) do the I/O. A save
+captures the state once and hands it to a tier; a load asks every tier which
+steps it holds, tries the newest step from the nearest tier that has it, and
+restores what that tier reads (the mean of the saved replicas when the world
+size changed). Every rank agrees on every outcome.
+"""
 
 from __future__ import annotations
 
-import atexit
-import json
 import logging
-import time
 import warnings
-import weakref
-from collections.abc import Callable, Mapping, MutableMapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, MutableMapping
+from contextlib import ExitStack
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-import torch.distributed as dist
-
-import torch
-from . import replicas
-from .layout import CommitRecord, FileEntry, plan_retention, rank_file_name, saved_ranks_to_read, step_dir_name, structure_rank, summarize
-from .local_tier import LocalTier
-from .state import RNG_KEY, capture, copy_to_cpu, deserialize, restore, serialize
+from ..collectives import Peers
+from ..collectives import combine_errors as combine_errors  # re-exported: its earlier home
+from ..process_groups import release_at_exit
+from ..registry import is_step_keeper, step_keepers
+from .background import close_at_exit
+from .commit import Unusable
+from .layout import CommitRecord, small_summaries, step_dir_name
+from .replicas import mean_of_replicas
+from .state import capture, restore
 from .storage import CheckpointError, RetryPolicy, Storage
-from ..process_groups import release_at_exit, release_group
+from .tiers import StepReader, Tier
+from .tiers.cloud import CloudTier
+from .tiers.local import LocalTier
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class CheckpointManager:
@@ -68,14 +73,16 @@ class CheckpointManager:
         timeout: timeout of the checkpoint's own process group.
         every: cloud cadence of :meth:`maybe_save` (a save at every step divisible by it).
         local_url: a node-local folder or fsspec URL (``/dev/shm/ckpt``, an
-            ``emptyDir``) for the local tier (:mod:`.local_tier`); each node needs
+            ``emptyDir``) for the local tier (:mod:`.tiers.local`); each node needs
             its own. ``None``: no local tier.
         local_every: local cadence of :meth:`maybe_save`; required with ``local_url``.
         local_keep: how many committed local checkpoints each node keeps.
         local_storage_options: fsspec options of ``local_url``.
 
     Construction is collective when ``torch.distributed`` is initialised, and
-    checks that every rank can write the URL.
+    checks that every rank can write the URL. The tiers are the attributes
+    ``cloud`` (:class:`~.tiers.cloud.CloudTier`) and ``local``
+    (:class:`~.tiers.local.LocalTier` or ``None``), both in ``tiers``.
 
     Example::
 
@@ -102,6 +109,7 @@ class CheckpointManager:
         ...     train_step()
         ...     manager.maybe_save(step + 1, state, final=step + 1 == steps)
     """
+
 
     def __init__(
         self,
@@ -139,76 +147,26 @@ class CheckpointManager:
         self.include_rng = include_rng
         policy = RetryPolicy(retries=retries, base_delay_s=retry_backoff_s, deadline_s=retry_deadline_s)
         self.storage = Storage(url, storage_options, policy=policy)
-        if dist.is_available() and dist.is_initialized():
-            # A group of its own: async saves run collectives from a background
-            # thread, and gloo lets them coordinate on CPU even when training uses NCCL.
-            self._group: dist.ProcessGroup | None = dist.new_group(backend="gloo", timeout=timeout)
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            self._group, self.rank, self.world_size = None, 0, 1
+        # A group of its own: async saves run collectives from a background
+        # thread, and gloo lets them coordinate on CPU even when training uses NCCL.
+        self._peers = Peers.own_gloo_group(timeout, CheckpointError)
+        self.rank, self.world_size = self._peers.rank, self._peers.world_size
         self.last_loaded: CommitRecord | None = None
-        # The step this run last loaded or saved: retention supersedes newer ones.
-        self._previous: int | None = None
         self.last_source: str | None = None  # where load_latest found it: "local", "buddy" or "cloud"
         self._warned_no_averager = False
         self._closed = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: tuple[int, Future[None]] | None = None
-        # Host buffers of async saves, reused: a save starts only after the previous one finished.
-        self._staging: dict[tuple, Any] = {}
-
-        try:
-            self.storage.check_writable()
-            error = None
-        except CheckpointError as exc:
-            error = str(exc)
-        self._raise_if_any(self.all_gather_object(error), "checkpoint storage check")
+        self.cloud = CloudTier(self.storage, self._peers, keep=keep)  # checks that every rank can write
         self.local: LocalTier | None = None
         if local_url is not None:
             self.local = LocalTier(local_url, keep=local_keep, storage_options=local_storage_options, timeout=timeout)
+        # In saving order; loads ask the nearest (the last) first.
+        self.tiers: tuple[Tier, ...] = (self.cloud,) if self.local is None else (self.cloud, self.local)
         release_at_exit(self._release_group)  # after the wait below, which atexit runs first
-        atexit.register(_wait_at_exit, weakref.ref(self))
-
-    # -- collectives -------------------------------------------------------
+        close_at_exit(self)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, over the checkpoint's own gloo group."""
-        if self._group is None:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._group)
-        return out
-
-    def _raise_if_any(self, errors: list[str | None], what: str) -> None:
-        """Raise the same failure on every rank, its details printed once.
-
-        Rank 0 raises the combined error (each distinct reason with the ranks
-        that hit it); the others raise a short one pointing at rank 0, so a
-        torchrun log holds one copy, not one per rank per rank.
-        """
-        combined = combine_errors(errors, what)
-        if combined is None:
-            return
-        if self.rank == 0:
-            raise CheckpointError(combined)
-        failed = sum(1 for e in errors if e)
-        raise CheckpointError(f"{what} failed on {failed} rank(s); rank 0 reports the reasons")
-
-    def _on_rank0(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()`` run on rank 0 and shared; its failure raises on every rank at once."""
-        value, error = None, None
-        if self.rank == 0:
-            try:
-                value = fn()
-            except Exception as exc:  # noqa: BLE001 - every rank must reach the broadcast
-                error = f"{type(exc).__name__}: {exc}"
-        if self._group is not None:
-            box = [(value, error)]
-            dist.broadcast_object_list(box, src=0, group=self._group)
-            value, error = box[0]
-        if error:
-            raise CheckpointError(f"{what} failed on rank 0: {error}")
-        return value  # type: ignore[return-value]
+        return self._peers.gather(obj)
 
     # -- saving ------------------------------------------------------------
 
@@ -226,20 +184,10 @@ class CheckpointManager:
         self.wait()
         background = self.async_save if blocking is None else not blocking
         payload = capture(state, include_rng=self.include_rng, stage=False)
-        entries = _small_summaries(payload, list(state))
-        if background:
-            payload = copy_to_cpu(payload, self._staging)
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # the non_blocking copies must land before writing
-        if not any(_is_averager(obj) for obj in state.values()):
+        entries = small_summaries(payload, list(state))
+        if not any(is_step_keeper(obj) for obj in state.values()):
             self._warn_if_averager_left_out(state)
-        extra = {"entries": sorted(state)}
-        if not background:
-            self._write_and_commit(step, payload, entries, extra)
-            return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastic-hsgd-ckpt")
-        self._pending = (step, self._executor.submit(self._write_and_commit, step, payload, entries, extra))
+        self.cloud.save(step, payload, entries, {"entries": sorted(state)}, background=background)
 
     def maybe_save(self, step: int, state: Mapping[str, Any], *, final: bool = False) -> tuple[str, ...]:
         """Call after every step: save ``step`` to each tier whose cadence divides it. Collective.
@@ -262,21 +210,22 @@ class CheckpointManager:
     def save_local(self, step: int, state: Mapping[str, Any]) -> None:
         """Save ``state`` to the local tier (and its buddy copy) as step ``step``. Collective.
 
-        Blocks only while the state is copied into a host buffer; see :mod:`.local_tier`.
+        Blocks only while the state is copied into a host buffer; see :mod:`.tiers.local`.
         """
         if self.local is None:
             raise ValueError("this CheckpointManager has no local tier: pass local_url= and local_every=.")
         payload = capture(state, include_rng=self.include_rng)
-        self.local.save(step, payload, _small_summaries(payload, list(state)), {"entries": sorted(state)})
+        self.local.save(step, payload, small_summaries(payload, list(state)), {"entries": sorted(state)})
 
     @property
     def local_committed_step(self) -> int | None:
         """The newest local step this rank knows committed on every node (``None`` without a local tier)."""
         return None if self.local is None else self.local.committed_step
+
     def _warn_if_averager_left_out(self, state_names: Mapping[str, Any]) -> None:
         # The manager cannot know what the training loop uses; it can see an
         # averager alive in this process.
-        if self._warned_no_averager or not _live_averager():
+        if self._warned_no_averager or not step_keepers():
             return
         self._warned_no_averager = True
         warnings.warn(
@@ -292,18 +241,11 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until a pending asynchronous save is committed; raise if it failed."""
-        if self._pending is None:
-            return
-        step, future = self._pending
-        self._pending = None
-        try:
-            future.result()
-        except Exception as exc:
-            raise CheckpointError(f"asynchronous save of step {step} to {self.url} failed: {exc}") from exc
+        self.cloud.wait()
 
     def close(self) -> None:
-        """Wait for a pending save, stop the save thread and release the manager's
-        gloo group. Idempotent; the manager cannot save or load afterwards.
+        """Wait for a pending save, stop the save threads and release the manager's
+        gloo group (and the local tier's). Idempotent; the manager cannot save or load afterwards.
 
         Called at interpreter exit too. Releasing the group matters there: a
         gloo worker thread drops its last reference to a finished collective's
@@ -316,19 +258,15 @@ class CheckpointManager:
         if self._closed:
             return
         try:
-            self.wait()
+            with ExitStack() as closing:  # every tier is closed, also after one raised
+                for tier in reversed(self.tiers):
+                    closing.callback(tier.close)  # run in saving order: the cloud tier's wait first
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            if self.local is not None:
-                self.local.close()
             self._release_group()
             self._closed = True
 
     def _release_group(self) -> None:
-        release_group(self._group)
-        self._group = None
+        self._peers.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -336,118 +274,15 @@ class CheckpointManager:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def _write_and_commit(self, step: int, payload: dict[str, Any], entries: dict[str, Any], extra: dict) -> None:
-        started = time.perf_counter()
-        step_dir = self.storage.path(step_dir_name(step))
-
-        def clear() -> None:
-            # A crashed earlier attempt at this step, or a step redone after a
-            # fall-back: its old commit must not vouch for the new files.
-            if self.storage.exists(step_dir):
-                self.storage.rm_file(self.storage.commit_path(step))
-                self.storage.remove_tree(step_dir)
-
-        self._on_rank0(f"clearing {step_dir} for checkpoint of step {step}", clear)
-
-        name = rank_file_name(self.rank)
-        try:
-            digest, nbytes = self.storage.write_file(f"{step_dir}/{name}", serialize(payload))
-            del payload
-            written: tuple[str, str, int] | None = (name, digest, nbytes)
-            error = None
-        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
-            written, error = None, f"{type(exc).__name__}: {exc}"
-        outcomes = self.all_gather_object((written, error))
-        self._raise_if_any([e for _, e in outcomes], f"writing checkpoint of step {step} (the previous checkpoint is intact)")
-
-        def commit() -> None:
-            record = CommitRecord(
-                step=step,
-                world_size=self.world_size,
-                files=tuple(FileEntry(*w) for w, _ in outcomes),
-                unix_time=time.time(),
-                entries=entries,
-                extra=extra,
-            )
-            self.storage.write_atomic(self.storage.commit_path(step), json.dumps(record.to_json(), indent=1).encode())
-            self._apply_retention(step)
-
-        self._on_rank0(f"committing checkpoint of step {step}", commit)
-        self._previous = step
-        if self.rank == 0:
-            logger.info(
-                "checkpoint step %d committed to %s: %d ranks, %.1f MB per rank, %.2f s",
-                step,
-                self.url,
-                self.world_size,
-                sum(w[2] for w, _ in outcomes) / self.world_size / 1e6,
-                time.perf_counter() - started,
-            )
-
-    def _apply_retention(self, just_committed: int) -> None:
-        """Delete what :func:`~.layout.plan_retention` says (see the class docstring)."""
-        try:
-            plan = plan_retention(self.storage.committed_steps(), self.storage.step_dirs(), self.keep, just_committed, self._previous)
-            drop_committed, drop_partial = plan
-            for step in drop_committed + drop_partial:
-                # The commit record goes first, so a half-deleted step is never "committed".
-                if step in drop_committed:
-                    self.storage.rm_file(self.storage.commit_path(step))
-                self.storage.remove_tree(self.storage.path(step_dir_name(step)))
-                logger.info("deleted %s checkpoint step %d", "partial" if step in drop_partial else "committed", step)
-        except Exception as exc:  # noqa: BLE001 - retention must never fail a committed save
-            logger.warning("could not apply retention (keep=%d) at %s: %r", self.keep, self.url, exc)
-
     # -- reading -----------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Committed steps, oldest first (this rank's own listing; not collective)."""
-        return self.storage.committed_steps()
+        """Committed steps of the cloud tier, oldest first (this rank's own listing; not collective)."""
+        return self.cloud.steps()
 
     def commit_record(self, step: int) -> CommitRecord:
-        """The parsed commit record of a committed step; ``_Unusable`` if it is missing or malformed."""
-        try:
-            raw = self.storage.read_file(self.storage.commit_path(step))
-        except FileNotFoundError:
-            raise _Unusable(f"no committed checkpoint of step {step} at {self.url}") from None
-        try:
-            return CommitRecord.from_json(json.loads(raw))
-        except (ValueError, RecursionError) as exc:
-            raise _Unusable(f"commit record of step {step} at {self.url} is unreadable: {exc}") from exc
-
-    def _fetch(self, record: CommitRecord, saved_rank: int) -> dict[str, Any]:
-        """Read, verify and decode one saved rank's file; ``_Unusable`` if it does not verify."""
-        entry = record.file_for_rank(saved_rank)
-        path = self.storage.path(step_dir_name(record.step), entry.name)
-        try:
-            size = self.storage.size(path)
-        except FileNotFoundError:
-            raise _Unusable(f"{entry.name} is missing") from None
-        if size != entry.bytes:
-            state = "truncated" if size < entry.bytes else "longer than recorded"
-            raise _Unusable(f"{entry.name} is {state}: {size} bytes, commit record says {entry.bytes}")
-        buffer, checksum = self.storage.read_into(path, entry.bytes)
-        if checksum != entry.checksum:
-            raise _Unusable(f"{entry.name} is corrupt: its checksum differs from the commit record")
-        try:
-            return deserialize(buffer)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is a refusal
-            raise _Unusable(f"{entry.name} was refused by the safe loader: {exc}") from exc
-
-    def _agree(self, error: BaseException | None, what: str) -> None:
-        """Collective: raise on every rank if any rank failed; ``_Unusable`` if all failures were verification."""
-        report = None if error is None else (isinstance(error, _Unusable), f"{type(error).__name__}: {error}" if not isinstance(error, _Unusable) else str(error))
-        reports = self.all_gather_object(report)
-        failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-        if not failed:
-            return
-        # One copy in a torchrun log: rank 0 gives every reason, the others point to it.
-        message = combine_errors([None if r is None else r[1] for r in reports], what) or ""
-        if self.rank != 0:
-            message = f"{what} failed on {len(failed)} rank(s); rank 0 reports the reasons"
-        if all(unusable for _, (unusable, _) in failed):
-            raise _Unusable(message)
-        raise CheckpointError(message)
+        """The parsed commit record of a committed cloud step; a :class:`CheckpointError` if it is missing or malformed."""
+        return self.cloud.commit_record(step)
 
     def load(self, step: int, state: MutableMapping[str, Any], *, strict: bool = True) -> int:
         """Load checkpoint ``step`` into ``state``; return ``step``. Collective; raises if any rank cannot.
@@ -458,8 +293,8 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         try:
-            self._load_step(step, state, strict=strict)
-        except _Unusable as exc:
+            self._restore(step, state, self.cloud.reader(step), strict)
+        except Unusable as exc:
             raise CheckpointError(str(exc)) from None
         return step
 
@@ -482,198 +317,57 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        candidates = self._on_rank0(f"listing checkpoints at {self.url}", self.storage.committed_steps)
-        survey = self.local.survey() if self.local is not None else []
-        local_steps = {step for holding in survey for step in holding}
+        held = [(tier, tier.held_steps()) for tier in self.tiers]
+        nearest_first = held[::-1]
         loaded = None
-        for step in sorted(set(candidates) | local_steps, reverse=True):
-            if step in local_steps and self._load_local(step, survey, state, strict):
+        for step in sorted(set().union(*(steps for _, steps in held)), reverse=True):
+            if self._load_from_any([tier for tier, steps in nearest_first if step in steps], step, state, strict):
                 loaded = step
                 break
-            if step not in candidates:
-                continue
-            if step in local_steps and self.rank == 0:
-                logger.warning("step %d: local tier unusable, loading it from the cloud tier at %s", step, self.url)
-            try:
-                self._load_step(step, state, strict=strict)
-                loaded = step
-                break
-            except _Unusable as exc:
-                if self.rank == 0:  # one copy in a torchrun log
-                    logger.warning("checkpoint step %d at %s is unusable, falling back to an older one: %s", step, self.url, exc)
-        if self.local is not None:
-            self.local.drop_newer_than(loaded)
+        for tier in self.tiers:
+            tier.resumed(loaded)
         return loaded
 
-    def _load_local(self, step: int, survey: list, state: MutableMapping[str, Any], strict: bool = True) -> bool:
-        """Load ``step`` from the local tier if it covers every rank. Collective."""
-        assert self.local is not None
-
-        def needed(rank: int, saved_world: int, world: int) -> list[int]:
-            return saved_ranks_to_read(rank, world, saved_world) or [structure_rank(rank, world, saved_world)]
-
-        found = self.local.load(step, survey, needed)
-        if found is None:
-            return False
-        plan, files = found
-
-        def fetch(saved_rank: int) -> dict[str, Any]:
+    def _load_from_any(self, tiers: list[Tier], step: int, state: MutableMapping[str, Any], strict: bool) -> bool:
+        """Load ``step`` from the first of ``tiers`` that gives every rank its part. Collective."""
+        for index, tier in enumerate(tiers):
+            if index and self.rank == 0:
+                logger.warning("step %d: %s tier unusable, loading it from the %s tier at %s", step, tiers[index - 1].name, tier.name, tier.url)
             try:
-                return deserialize(files[saved_rank])
-            except Exception as exc:  # noqa: BLE001 - any decoding failure is a refusal
-                raise _Unusable(f"local copy of saved rank {saved_rank} was refused by the safe loader: {exc}") from exc
+                reader = tier.reader(step)
+                if reader is not None:
+                    self._restore(step, state, reader, strict)
+                    return True
+            except Unusable as exc:
+                tier.warn_unusable(step, exc)
+        return False
 
-        try:
-            self._load_step(step, state, record=plan.record, fetch=fetch, source=plan.source, strict=strict)
-        except _Unusable as exc:
-            logger.warning("local checkpoint step %d unusable: %s", step, exc)
-            return False
-        return True
-
-    def _load_step(
-        self,
-        step: int,
-        state: MutableMapping[str, Any],
-        *,
-        record: CommitRecord | None = None,
-        fetch: Callable[[int], dict[str, Any]] | None = None,
-        source: str = "cloud",
-        strict: bool = True,
-    ) -> None:
-        """Load ``step``: from the cloud tier, or from ``record`` with ``fetch(saved_rank)`` (the local tier)."""
-        where = self.url if source == "cloud" else self.local.url if self.local is not None else "?"
-        what = f"loading checkpoint step {step} from {where}"
-        if record is None:
-            error = None
-            try:
-                record = self.commit_record(step)
-            except Exception as exc:  # noqa: BLE001 - agreed below
-                error = exc
-            self._agree(error, what)
-        assert record is not None
-        fetch_file = fetch or (lambda saved_rank: self._fetch(record, saved_rank))
+    def _restore(self, step: int, state: MutableMapping[str, Any], reader: StepReader, strict: bool) -> None:
+        """Load what ``reader`` offers of ``step`` into ``state``: this rank's own file, or the mean of the replicas."""
+        what = f"loading checkpoint step {step} from {reader.url}"
+        record = reader.record
         if record.world_size == self.world_size:
             payload, error = None, None
             try:
-                payload = fetch_file(self.rank)
+                payload = reader.fetch(self.rank)
             except Exception as exc:  # noqa: BLE001 - agreed below
                 error = exc
-            self._agree(error, what)
+            self._peers.agree(error, what, soft=Unusable)
             restore(state, payload, restore_rng=True, strict=strict)
         else:
-            restore(state, self._mean_of_replicas(record, what, fetch_file), restore_rng=False, strict=strict)
+            restore(state, mean_of_replicas(record, what, reader.fetch, self._peers), restore_rng=False, strict=strict)
         self.last_loaded = record
-        self.last_source = source
-        self._previous = step
+        self.last_source = reader.source
+        for tier in self.tiers:
+            tier.loaded(step)
         if self.rank == 0:
             logger.info(
                 "loaded checkpoint step %d (source: %s) from %s (world size %d -> %d%s)",
                 record.step,
-                source,
-                where,
+                reader.source,
+                reader.url,
                 record.world_size,
                 self.world_size,
                 "" if record.world_size == self.world_size else "; every rank got the mean of the saved replicas, RNG not restored",
             )
 
-    def _mean_of_replicas(self, record: CommitRecord, what: str, fetch: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
-        """Collective: the mean of every saved replica's floating state, identical on every rank.
-
-        Each rank reads its share of the saved files, sums their floating
-        tensors in float64, and one all_reduce adds the shares up.
-        """
-        share = saved_ranks_to_read(self.rank, self.world_size, record.world_size)
-        first: replicas.Split | None = None
-        fingerprints: dict[int, str] = {}
-        entries: dict[int, dict[str, str]] = {}
-        error = None
-        total = None
-        try:
-            for saved_rank in share or [structure_rank(self.rank, self.world_size, record.world_size)]:
-                payload = fetch(saved_rank)
-                payload.pop(RNG_KEY, None)
-                part = replicas.split(payload)
-                del payload
-                if first is None:
-                    first, total = part, part.accumulator()
-                fingerprints[saved_rank], entries[saved_rank] = part.fingerprint, part.entries
-                if share:
-                    part.add_to(total)
-                part.floats.clear()  # frees this file's buffer before the next is read
-        except Exception as exc:  # noqa: BLE001 - agreed below
-            error = exc
-        self._agree(error, what)
-        assert first is not None and total is not None
-        gathered: dict[int, str] = {}
-        for prints in self.all_gather_object(fingerprints):
-            gathered.update(prints)
-        differing = sorted(r for r, f in gathered.items() if f != gathered[0])
-        if differing:
-            everyone: dict[int, dict[str, str]] = {}
-            for part_entries in self.all_gather_object(entries):
-                everyone.update(part_entries)
-            detail = replicas.first_difference(everyone[0], everyone[differing[0]])
-            raise CheckpointError(
-                f"{what}: cannot average the saved replicas, their non-floating state differs "
-                f"(saved ranks {differing[:8]} differ from saved rank 0; first difference {detail}). "
-                "Integer state, such as step counters, must be equal on every rank; "
-                "resume at the saved world size instead."
-            )
-        if self._group is not None:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self._group)
-        total /= record.world_size
-        return first.fill(total)
-
-class _Unusable(CheckpointError):
-    """A checkpoint that does not verify (missing, truncated, corrupt, refused): fall back past it."""
-
-
-def _small_summaries(payload: Mapping[str, Any], names: list[str], limit: int = 16384) -> dict[str, Any]:
-    """Entries whose summary is small, for ``inspect`` (e.g. the averager's step and hierarchy)."""
-    out = {}
-    for name in names:
-        summary = summarize(payload[name])
-        if len(json.dumps(summary)) <= limit:
-            out[name] = summary
-    return out
-
-
-def _is_averager(obj: Any) -> bool:
-    from ..averager import HierarchicalModelAverager  # lazily: checkpoint/ does not depend on the averager
-
-    return isinstance(obj, HierarchicalModelAverager)
-
-
-def _live_averager() -> bool:
-    from ..averager import HierarchicalModelAverager
-
-    return bool(HierarchicalModelAverager.instances())
-
-
-def combine_errors(errors: list[str | None], what: str) -> str | None:
-    """One message for every rank's outcome, ``None`` if all succeeded; each
-    distinct reason once, with the ranks that hit it."""
-    by_reason: dict[str, list[int]] = {}
-    for rank, error in enumerate(errors):
-        if error:
-            by_reason.setdefault(error, []).append(rank)
-    if not by_reason:
-        return None
-    failed = sum(len(ranks) for ranks in by_reason.values())
-    parts = [f"{_ranks(ranks)}: {reason}" for reason, ranks in list(by_reason.items())[:4]]
-    more = f"; and {len(by_reason) - 4} more reasons" if len(by_reason) > 4 else ""
-    return f"{what} failed on {failed} of {len(errors)} rank(s): " + "; ".join(parts) + more
-
-
-def _ranks(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
-
-
-def _wait_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
-    manager = ref()
-    if manager is None:
-        return
-    try:
-        manager.close()
-    except Exception:  # noqa: BLE001 - nothing left to raise to at exit
-        logger.exception("a pending checkpoint save failed at exit")

@@ -1,0 +1,336 @@
+"""A node-local checkpoint tier with a copy of every rank's state on another node.
+
+Host memory (``/dev/shm``, a Kubernetes ``emptyDir`` with ``medium: Memory``)
+survives a worker restart, and a copy on another node survives losing a node,
+so this tier can be written every few steps where the cloud tier cannot. Each
+node has its own folder (``local_url``); nodes never share it::
+
+    <local_url>/step_000000000105/rank_00001.safetensors          rank 1's own state (rank 1 lives here)
+    <local_url>/step_000000000105/buddy/rank_00003.safetensors    a copy of rank 3's state, held for it
+    <local_url>/step_000000000105/COMMIT.json               written last, by the node's lowest rank
+
+The bytes, checksums and commit record are the cloud tier's
+(:func:`~..state.serialize`, :class:`~..layout.CommitRecord`): a node writes its
+commit record only after every rank of the world reported its own file and
+its buddy's copy written with matching checksums, so a local step exists only
+once it is complete everywhere.
+
+Saving blocks only for the staging copy (the encoded state into a reused host
+buffer); writing, the transfer to the buddy (gloo send/recv on the tier's own
+group) and the commit run in a background thread.
+
+Two kinds of failed save. A storage failure (a write, a checksum) is agreed by
+every rank over the tier's group, which stays usable: it is logged and training
+goes on (the cloud tier is unaffected). A failed collective (a peer died or
+timed out) leaves the group unusable and the world short of a member: the next
+save, :meth:`LocalTier.wait` or load raises :class:`PeerLost`, so the worker
+exits and torchelastic restarts the world, which resumes from the newest step
+committed everywhere (the interrupted one never is).
+
+Loading is planned from what every rank reports (:func:`~..local_plan.plan_load`,
+pure): the newest step for which each rank the new world needs can be read from
+its own node's folder (``"local"``) or from a copy held elsewhere, sent over the
+tier's group (``"buddy"``). A copy that fails its checksum is excluded with a
+warning and the plan is made again.
+
+Example::
+
+    >>> # xdoctest: +SKIP("needs a process group")
+    >>> manager = CheckpointManager("s3://bucket/run", every=100, local_url="/dev/shm/ckpt", local_every=5)
+    >>> for step in range(start, steps):
+    ...     train_step()
+    ...     manager.maybe_save(step + 1, state)   # local every 5 steps, cloud every 100
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+from ...collectives import Peers
+from ...process_groups import release_at_exit
+from ..background import BackgroundSaver
+from ..commit import apply_retention, decode, remove_step, write_commit_record
+from ..layout import CommitRecord, FileEntry, files_to_read, rank_file_name, step_dir_name
+from ..local_plan import BUDDY, CopyKey, LoadPlan, NeededFn, StepHolding, buddy_ranks, plan_load
+from ..state import serialize
+from ..storage import CheckpointError, Storage
+from . import StepReader
+from .local_load import BUDDY_DIR, execute_plan, node_holdings
+from .transfer import exchange_with_buddy
+
+logger = logging.getLogger(__name__)
+
+
+class PeerLost(CheckpointError):
+    """A collective of the local tier failed: a peer died or timed out, and the
+    tier's group is unusable. Let it end the worker, so torchelastic restarts the world."""
+
+
+def node_from_env() -> int:
+    """This process's node: torchrun's ``GROUP_RANK`` (one per agent), 0 without it."""
+    value = os.environ.get("GROUP_RANK", "")
+    return int(value) if value else 0
+
+
+class LocalTier:
+    """Node-local checkpoints of every rank, plus a buddy copy on another node.
+
+    Construction is collective when ``torch.distributed`` is initialised (it
+    creates the tier's own gloo group and learns every rank's node). The
+    :class:`~..manager.CheckpointManager` drives it; see its ``local_url``.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep: int = 2,
+        storage_options: dict[str, Any] | None = None,
+        timeout: timedelta = timedelta(minutes=10),
+        node: int | None = None,
+    ) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"local_keep={keep!r} must be an int >= 1 (how many local checkpoints to keep).")
+        self.url = url
+        self.keep = keep
+        self.storage = Storage(url, storage_options)
+        node = node_from_env() if node is None else node
+        self._lost: PeerLost | None = None  # set once a collective failed: the group is unusable from then on
+        # Its own group: saves run collectives and send/recv from a background
+        # thread, which must never interleave with the cloud tier's or training's.
+        self._peers = Peers.own_gloo_group(timeout, CheckpointError)
+        self.rank, self.world_size = self._peers.rank, self._peers.world_size
+        gathered = self._all_gather((node, self.storage.writable_error()))
+        failed = [(r, e) for r, (_, e) in enumerate(gathered) if e]
+        if failed:
+            raise CheckpointError(f"local checkpoint tier unusable on {len(failed)} rank(s): " + "; ".join(f"rank {r}: {e}" for r, e in failed[:4]))
+        self.nodes = [n for n, _ in gathered]
+        self.node = node
+        self.buddies = buddy_ranks(self.nodes)
+        self.committed_step: int | None = None  # newest step this process saw committed everywhere
+        self._saver = BackgroundSaver("elastic-hsgd-local-ckpt")
+        self._blob = bytearray()  # the staging buffer, reused while the state's size is unchanged
+        self._survey: list[dict[int, StepHolding]] = []  # every rank's holdings, as of the last held_steps()
+        self._closed = False
+        # Its gloo group must be gone before the interpreter finalizes, manager or not
+        # (see elastic_hsgd/process_groups.py); close() is idempotent.
+        release_at_exit(self.close)
+
+    @property
+    def _group(self) -> Any:
+        """The tier's own gloo group; ``None`` once closed."""
+        return self._peers.group
+
+    @property
+    def _executor(self) -> Any:
+        """The save thread's executor; ``None`` before the first save and once closed."""
+        return self._saver.executor
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        self._raise_if_lost()
+        if self._group is None and self.world_size > 1:
+            raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save or load any more.")
+        return self._peers.gather(obj)
+
+    @property
+    def node_lead(self) -> bool:
+        """The lowest rank of this node writes its folder's commit records and prunes it."""
+        return self.nodes.index(self.node) == self.rank
+
+    # -- saving ----------------------------------------------------------------
+
+    def save(self, step: int, payload: dict[str, Any], entries: dict | None, extra: dict | None) -> None:
+        """Stage ``payload`` (the only blocking part) and write, copy and commit it in the background.
+
+        ``payload`` may reference live tensors: it is encoded into the staging
+        buffer before this returns. Waits for the previous local save first (all
+        ranks do, so their background collectives stay in step).
+        """
+        step_dir_name(step)
+        if self._closed:
+            raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
+        self.wait()
+        self._raise_if_lost()
+        chunks = [memoryview(c).cast("B") for c in serialize(payload)]
+        size = sum(c.nbytes for c in chunks)
+        if len(self._blob) != size:
+            self._blob = bytearray(size)
+        view, offset = memoryview(self._blob), 0
+        for chunk in chunks:
+            view[offset : offset + chunk.nbytes] = chunk
+            offset += chunk.nbytes
+        del chunks, view
+        self._saver.submit(step, self._write_copy_commit, step, self._blob, entries, extra)
+
+    def wait(self) -> None:
+        """Block until the pending local save finished.
+
+        A save every rank agreed failed (storage) is logged, not raised: the
+        local tier only shortens recovery, and the cloud tier is unaffected. A
+        save whose collective failed raises :class:`PeerLost`: a peer is gone
+        (or hung) and training on would only run further from the last
+        committed step, unprotected; exiting lets torchelastic re-form the world.
+        """
+        self._saver.wait(self._save_failed)
+
+    def _save_failed(self, step: int, exc: Exception) -> None:
+        if isinstance(exc, CheckpointError):
+            logger.warning("local checkpoint of step %d at %s failed (the cloud tier is unaffected): %s", step, self.url, exc)
+            return
+        # Anything else is a collective of the tier's group that failed.
+        self._lost = PeerLost(
+            f"local checkpoint of step {step} at {self.url} not committed: a collective of the local tier failed "
+            f"({type(exc).__name__}: {exc}). A peer died or timed out, so this worker stops for torchelastic to "
+            f"restart the world (the newest local step committed everywhere is {self.committed_step})."
+        )
+        raise self._lost from exc
+
+    def _raise_if_lost(self) -> None:
+        if self._lost is not None:
+            raise PeerLost(str(self._lost))
+
+    def close(self) -> None:
+        """Wait for the pending save, stop the save thread and release the tier's
+        gloo group (joining its threads). Idempotent; also run at interpreter exit,
+        so a lost peer is logged here, not raised."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        except PeerLost as exc:
+            logger.warning("%s", exc)
+        finally:
+            self._saver.close()
+            self._peers.release()
+
+    def _write_copy_commit(self, step: int, blob: bytearray, entries: dict | None, extra: dict | None) -> None:
+        started = time.perf_counter()
+        step_dir = self.storage.path(step_dir_name(step))
+        name = rank_file_name(self.rank)
+        own: tuple[str, str, int] | None = None
+        held: dict[int, str] = {}
+        error = None
+        try:
+            # A step redone after a roll-back: its old commit must not vouch for the new files.
+            self.storage.rm_file(self.storage.commit_path(step))
+            digest, nbytes = self.storage.write_file(f"{step_dir}/{name}", [blob])
+            own = (name, digest, nbytes)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the exchange and gather below
+            error = f"writing {name}: {exc!r}"
+        received = exchange_with_buddy(blob, self.buddies, self.rank, self._group)
+        for sender, data in received.items():
+            try:
+                held[sender] = self.storage.write_file(f"{step_dir}/{BUDDY_DIR}/{rank_file_name(sender)}", [data])[0]
+            except Exception as exc:  # noqa: BLE001
+                error = f"writing the copy of rank {sender}: {exc!r}"
+        reports = self._all_gather((own, held, error))
+        problems = [f"rank {r}: {e}" for r, (_, _, e) in enumerate(reports) if e]
+        for holder, (_, holder_held, _) in enumerate(reports):
+            for sender, digest in holder_held.items():
+                sent = reports[sender][0]
+                if sent is not None and sent[1] != digest:
+                    problems.append(f"rank {holder}'s copy of rank {sender} has checksum {digest}, rank {sender} wrote {sent[1]}")
+        commit_error = None
+        if not problems and self.node_lead:
+            record = CommitRecord(
+                step=step, world_size=self.world_size, files=tuple(FileEntry(*o) for o, _, _ in reports),
+                unix_time=time.time(), entries=entries, extra={**(extra or {}), "tier": "local"},
+            )
+            try:
+                write_commit_record(self.storage, record)
+                apply_retention(self.storage, self.keep, step, what="local retention", log_deletions=False)
+            except Exception as exc:  # noqa: BLE001
+                commit_error = f"committing in {self.url}: {exc!r}"
+        commit_errors = self._all_gather(commit_error)
+        problems += [f"rank {r}: {e}" for r, e in enumerate(commit_errors) if e]
+        if problems:
+            raise CheckpointError(f"local checkpoint of step {step} not committed: " + "; ".join(problems[:4]))
+        self.committed_step = step
+        if self.rank == 0:
+            logger.info("local checkpoint step %d committed: %.1f MB per rank, %.3f s", step, len(blob) / 1e6, time.perf_counter() - started)
+
+    # -- loading ---------------------------------------------------------------
+
+    def holdings(self) -> dict[int, StepHolding]:
+        """What this node's folder holds: committed steps, whose own and buddy copies."""
+        return node_holdings(self.storage)
+
+    def survey(self) -> list[dict[int, StepHolding]]:
+        """Every rank's :meth:`holdings` (collective)."""
+        self.wait()
+        return self._all_gather(self.holdings())
+
+    def held_steps(self) -> set[int]:
+        """The local steps some node holds (collective: a :meth:`survey`, kept for :meth:`reader`)."""
+        self._survey = self.survey()
+        return {step for holding in self._survey for step in holding}
+
+    def reader(self, step: int) -> StepReader | None:
+        """Step ``step`` from the nodes' copies (as surveyed by :meth:`held_steps`), or ``None``. Collective."""
+        found = self.load(step, self._survey, files_to_read)
+        if found is None:
+            return None
+        plan, files = found
+
+        def fetch(saved_rank: int) -> dict[str, Any]:
+            return decode(files[saved_rank], f"local copy of saved rank {saved_rank}")
+
+        return StepReader(plan.record, fetch, plan.source, self.url)
+
+    def warn_unusable(self, step: int, error: Exception) -> None:
+        """A local step that verified but did not load: the next tier is asked for it."""
+        logger.warning("local checkpoint step %d unusable: %s", step, error)
+
+    def loaded(self, step: int) -> None:
+        """Nothing to do: steps past ``step`` go at a resume (:meth:`resumed`)."""
+
+    def resumed(self, step: int | None) -> None:
+        """Local steps above the one resumed belong to a lost future: remove them."""
+        self._survey = []
+        self.drop_newer_than(step)
+
+    def load(self, step: int, survey: list[dict[int, StepHolding]], needed: NeededFn) -> tuple[LoadPlan, dict[int, bytearray]] | None:
+        """This rank's verified bytes of ``step`` (saved rank -> file), or ``None``. Collective.
+
+        Bad copies are excluded with a warning and the plan is made again, so a
+        corrupt own copy falls back to a buddy copy; ``None`` (fall back to the
+        cloud) once no plan covers every rank.
+        """
+        exclude: set[CopyKey] = set()
+        while True:
+            plan = plan_load(step, self.nodes, survey, needed, exclude)
+            if plan is None:
+                if self.rank == 0 and (exclude or any(step in s for s in survey)):
+                    logger.warning("local tier cannot provide step %d for every rank%s", step, f" (bad copies: {sorted(exclude)})" if exclude else "")
+                return None
+            if self.rank == 0:
+                self._warn_missing_own(plan)
+            bad, data = execute_plan(plan, self.storage, self.rank, self.nodes, self._group, self._all_gather)
+            if not bad:
+                return plan, data
+            if self.rank == 0:
+                logger.warning("local checkpoint step %d: unusable copies %s; trying other copies", step, sorted(bad))
+            exclude |= bad
+
+    def _warn_missing_own(self, plan: LoadPlan) -> None:
+        moved = sorted({r.saved_rank for r in plan.reads if r.copy == BUDDY})
+        if moved:
+            logger.warning("local checkpoint step %d: no usable own copy of saved rank(s) %s (node lost, or copy bad); using buddy copies", plan.step, moved)
+
+    def drop_newer_than(self, step: int | None) -> None:
+        """After a resume at ``step``: local steps above it belong to a lost future; remove them."""
+        if not self.node_lead:
+            return
+        try:
+            for stale in self.storage.step_dirs():
+                if step is None or stale > step:
+                    remove_step(self.storage, stale)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not remove stale local checkpoints at %s: %r", self.url, exc)
