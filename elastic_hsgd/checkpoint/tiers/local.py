@@ -70,6 +70,11 @@ class PeerLost(CheckpointError):
     tier's group is unusable. Let it end the worker, so torchelastic restarts the world."""
 
 
+def _needed(rank: int, saved_world: int, world: int) -> list[int]:
+    """A :data:`~..local_plan.NeededFn`: the saved files ``rank`` of the new world reads."""
+    return files_to_read(rank, world, saved_world)
+
+
 def node_from_env() -> int:
     """This process's node: torchrun's ``GROUP_RANK`` (one per agent), 0 without it."""
     value = os.environ.get("GROUP_RANK", "")
@@ -274,7 +279,7 @@ class LocalTier:
 
     def reader(self, step: int) -> StepReader | None:
         """Step ``step`` from the nodes' copies (as surveyed by :meth:`held_steps`), or ``None``. Collective."""
-        found = self.load(step, self._survey, files_to_read)
+        found = self.load(step, self._survey, _needed)
         if found is None:
             return None
         plan, files = found
