@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
-from . import averager_state, outer, topology
+from . import averager_state, ddp_hook_check, outer, topology
 from .averager_state import STATE_FORMAT  # noqa: F401 - importable from here, as it always was
 from .flat_params import AveragingInputs, FlatParameterBuffers
 from .hierarchy import REPLICAS, GroupSizeSpec, Level, check_replicas_level, level_for_step, normalize_config, repeated_group_sizes
@@ -47,12 +47,14 @@ class HierarchicalModelAverager(ModelAverager):
     each call to :meth:`average_parameters` averages, once ``step >= warmup_steps``,
     over the group of the largest period dividing ``step``, then increments ``step``.
 
-    Differences: group sizes may be ``"local"`` (processes per node, from
-    ``LOCAL_WORLD_SIZE``) or ``"world"``, so one configuration survives world-size
-    changes; :meth:`state_dict` / :meth:`load_state_dict` carry the step across
-    restarts; :meth:`rebuild` re-creates the subgroups for a new membership; and
-    parameters are kept as views of flat buffers, so averaging is one in-place
-    all_reduce.
+    Differences: parameters are selected by ``requires_grad``, not by having a
+    gradient (torch's rule; the same wherever every parameter has one); group
+    sizes may be ``"local"`` (processes per node, from ``LOCAL_WORLD_SIZE``) or
+    ``"world"``, so one configuration survives world-size changes;
+    :meth:`state_dict` / :meth:`load_state_dict` carry the step across restarts;
+    :meth:`rebuild` re-creates the subgroups for a new membership;
+    :meth:`synchronize` averages over the whole world on demand; and parameters
+    are kept as views of flat buffers, so averaging is one in-place all_reduce.
 
     Args:
         period_group_size_dict: ordered mapping of averaging period to group size,
@@ -197,6 +199,7 @@ class HierarchicalModelAverager(ModelAverager):
         self._owned_groups: list[dist.ProcessGroup] = []
         self._inputs = AveragingInputs()
         self._inputs_checked = False
+        self._ddp_checked = False  # whether the first averaging step after warmup looked for a DDP without the hook
         self.levels: tuple[Level, ...] = ()
         self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
@@ -265,7 +268,11 @@ class HierarchicalModelAverager(ModelAverager):
         self.levels, self._periods = (), ()
 
     def average_parameters(self, params: Iterable[Any]) -> None:
-        """Average ``model.parameters()`` or ``optimizer.param_groups`` if this step fires."""
+        """Average ``model.parameters()`` or ``optimizer.param_groups`` if this step fires.
+
+        Every parameter that requires a gradient is averaged, whether or not it
+        has one now (``zero_grad(set_to_none=True)`` right after ``step()`` is fine).
+        """
         index = level_for_step(self.step, self.warmup_steps, self._periods)
         start_anchors = self._anchors.wants_start(self.step >= self.warmup_steps)
         if index is not None or start_anchors or not self._inputs_checked:
@@ -276,6 +283,9 @@ class HierarchicalModelAverager(ModelAverager):
                 raise flat_buffers_needed(by_copy)
             if start_anchors:
                 self._anchors.start(flat, self.process_group)
+            if index is not None and not self._ddp_checked:
+                self._ddp_checked = True
+                ddp_hook_check.warn_if_ddp_without_hook(flat + by_copy, self.warmup_steps)
             if index is not None and self.top_level is not None and index == len(self.levels) - 1:
                 # Step first: a group that heals during this sync adopts this
                 # rank's state, which must already say where training resumes.
@@ -303,13 +313,49 @@ class HierarchicalModelAverager(ModelAverager):
 
         Fault-tolerant jobs call it to join (or leave) at a sync every replica
         group takes part in: at start, where a joining group heals, and at the end.
-        It takes every parameter that requires a gradient (a joiner has none
-        yet), so every parameter must get one in training, as under DDP.
+        It takes every parameter that requires a gradient, as every call does.
         """
         if self.top_level is None:
             raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
-        flat, by_copy = self._inputs.split(params, with_grad_only=False)
+        flat, by_copy = self._inputs.split(params)
         return self._replicas.sync(flat, by_copy, self.process_group)
+
+    def synchronize(self, params: Iterable[Any]) -> bool:
+        """Leave every rank with the mean of ``params`` over the whole world. Collective.
+
+        The world is :attr:`process_group`, or with a ``top_level`` every rank of
+        every replica group (through its ``average``). A plain mean, whatever the
+        levels' outer optimizers and comm dtypes; every anchored level whose
+        anchors have started takes the result as its anchor. :attr:`step` does
+        not change, and no level fires. Returns ``True``, or with a top level
+        whether the sync was committed (``False``: discarded, nothing changed).
+
+        Call it on every rank before evaluating, exporting or saving the final
+        model: between averaging points each rank holds its own replica.
+
+        Example::
+
+            >>> # xdoctest: +SKIP("needs torchrun")
+            >>> for step in range(start, steps):
+            ...     train_one_step()
+            ...     averager.average_parameters(ddp.parameters())
+            >>> averager.synchronize(ddp.parameters())   # every rank: the same parameters
+            True
+            >>> manager.save(steps, state)
+        """
+        flat, by_copy = self._inputs.split(params)
+        self._inputs_checked = True
+        anchors = self._anchors
+        if by_copy and anchors.levels:
+            raise flat_buffers_needed(by_copy)
+        if anchors.wants_start(self.step >= self.warmup_steps):
+            anchors.start(flat, self.process_group)  # what the next call would do first: start or re-agree
+        if self.top_level is not None:
+            return self._replicas.mean(flat, by_copy, self.process_group)
+        self._plain.average(flat, by_copy, self.process_group)
+        if anchors.state.started:
+            anchors.reset_below(self._periods[-1] + 1, flat)  # every anchored level: its groups are in sync too
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """The step, warmup, the hierarchy configured and resolved: plain Python values.
@@ -337,15 +383,18 @@ class HierarchicalModelAverager(ModelAverager):
                 f"world has {world_size}: call rebuild() after the membership changed."
             )
         saved_world = int(state_dict["world_size"])
-        if saved_world != world_size:
+        # Another world size, or the same one in another node shape: lower anchors re-agree at the next call.
+        groups_changed = averager_state.groups_changed(state_dict, self.levels, world_size)
+        if groups_changed:
             logger.info(
-                "averager resumes at step %d with world size %d -> %d, hierarchy %s",
+                "averager resumes at step %d with world size %d -> %d, hierarchy %s -> %s",
                 step,
                 saved_world,
                 world_size,
+                [tuple(lv) for lv in state_dict.get("levels", [])],
                 [(lv.period, lv.group_size) for lv in self.levels],
             )
-        self._anchors.load_state_dict(state_dict.get("outer"), world_changed=saved_world != world_size)
+        self._anchors.load_state_dict(state_dict.get("outer"), world_changed=groups_changed)
         self.step = step
 
     # -- what tests and benchmarks reach: the anchored levels' buffers -----------------

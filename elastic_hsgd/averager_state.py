@@ -69,3 +69,24 @@ def check_saved(saved: Mapping[str, Any], config: Sequence[tuple[int, GroupSizeS
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"saved step {step!r} is not a non-negative int.")
     return step
+
+
+def groups_changed(saved: Mapping[str, Any], levels: Sequence[Level], world_size: int) -> bool:
+    """Whether any level's groups differ from those ``saved`` was made with.
+
+    Another world size, or the same world in another node shape: saved as 2
+    nodes x 1 and resumed as 1 node x 2, ``"local"`` resolves to other groups
+    (the resolved levels differ), and each rank's lower anchors are its own.
+
+    Example::
+
+        >>> saved = capture(5, 0, ((2, "local"), (8, "world")), (Level(2, 1), Level(8, 2)), 2)
+        >>> groups_changed(saved, (Level(2, 1), Level(8, 2)), 2), groups_changed(saved, (Level(2, 2), Level(8, 2)), 2)
+        (False, True)
+    """
+    if int(saved["world_size"]) != world_size:
+        return True
+    saved_levels = saved.get("levels")
+    if saved_levels is None:  # made before the resolved levels were saved: the world size is all there is
+        return False
+    return [[int(p), int(n)] for p, n in saved_levels] != [[lv.period, lv.group_size] for lv in levels]

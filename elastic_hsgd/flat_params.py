@@ -20,17 +20,28 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def params_to_average(params: Iterable[Any], *, with_grad_only: bool = True) -> list[torch.Tensor]:
-    """Parameters that have a gradient, from ``model.parameters()`` or
-    ``optimizer.param_groups``, each once (tied parameters are averaged once).
+def params_to_average(params: Iterable[Any], *, with_grad_only: bool = False) -> list[torch.Tensor]:
+    """Parameters that require a gradient (or have one), from ``model.parameters()``
+    or ``optimizer.param_groups``, each once (tied parameters are averaged once).
 
-    ``with_grad_only=False`` takes those that require one instead: a process
-    that has not stepped yet (e.g. joining replica groups) has no gradients.
+    Selected by ``requires_grad``, not by ``.grad is not None``: a loop that
+    calls ``optimizer.zero_grad(set_to_none=True)`` right after ``step()`` has
+    no gradients left when it averages, and the set must not depend on that.
+    Averaging a parameter that got no gradient is harmless (its replicas are
+    equal). ``with_grad_only=True`` takes only those that have a gradient
+    (torch's averager's rule).
+
+    Example::
+
+        >>> import torch
+        >>> used, frozen = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        >>> [p is used for p in params_to_average([used, frozen, used])]
+        [True]
     """
     return [p for _, p in _indexed_params_to_average(params, with_grad_only=with_grad_only)]
 
 
-def _indexed_params_to_average(params: Iterable[Any], *, with_grad_only: bool = True) -> list[tuple[int, torch.Tensor]]:
+def _indexed_params_to_average(params: Iterable[Any], *, with_grad_only: bool = False) -> list[tuple[int, torch.Tensor]]:
     selected: list[tuple[int, torch.Tensor]] = []
     seen: set[int] = set()
     position = 0
@@ -42,7 +53,7 @@ def _indexed_params_to_average(params: Iterable[Any], *, with_grad_only: bool = 
                 f"cannot average {type(tensor).__name__!r}: pass model.parameters() or "
                 "optimizer.param_groups."
             )
-        wanted = tensor.grad is not None if with_grad_only else tensor.requires_grad
+        wanted = tensor.grad is not None if with_grad_only else tensor.requires_grad or tensor.grad is not None
         if wanted and id(tensor) not in seen:
             seen.add(id(tensor))
             selected.append((position, tensor))
@@ -77,7 +88,8 @@ class AveragingInputs:
       rest stay on the flat path.
     - float16/bfloat16 parameters keep their own flat buffer, averaged in
       float32 and rounded once (:func:`elastic_hsgd.levels.plain.mean_in_place`).
-    - An iterable with tensors but no gradients (``model.buffers()``) warns once.
+    - Parameters are selected by ``requires_grad`` (:func:`params_to_average`); an
+      iterable with tensors none of which requires a gradient (``model.buffers()``) warns once.
     """
 
     def __init__(self) -> None:
@@ -85,7 +97,7 @@ class AveragingInputs:
         self._warned_odd: set[int] = set()
 
     def split(
-        self, params: Iterable[Any], *, with_grad_only: bool = True
+        self, params: Iterable[Any], *, with_grad_only: bool = False
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(flat, by_copy)``: parameters for flat buffers, and those averaged by copying.
 
@@ -105,9 +117,9 @@ class AveragingInputs:
         if given and not selected and not self._warned_no_grad:
             self._warned_no_grad = True
             warnings.warn(
-                f"average_parameters got {_count(given)} tensors but none has a gradient, so nothing is "
-                "averaged: pass model.parameters() or optimizer.param_groups after backward() (not "
-                "model.buffers() or frozen parameters).",
+                f"average_parameters got {_count(given)} tensors but none has a gradient or requires one, so "
+                "nothing is averaged: pass model.parameters() or optimizer.param_groups (not model.buffers() "
+                "or frozen parameters).",
                 stacklevel=3,
             )
         flat, by_copy, odd = [], [], []

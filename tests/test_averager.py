@@ -81,7 +81,7 @@ def _mixed_and_tied_worker(rank: int, world_size: int) -> None:
     for p in model.parameters():
         p.data.fill_(float(rank))
         p.grad = torch.zeros_like(p)
-    frozen = torch.nn.Parameter(torch.full((2,), float(rank)))  # no grad: left alone, like torch
+    frozen = torch.nn.Parameter(torch.full((2,), float(rank)), requires_grad=False)  # frozen: left alone
     averager = HierarchicalModelAverager({2: 2, 4: "world"})
     averager.average_parameters(list(model.parameters()) + [frozen, shared.weight])  # tied weight listed twice
     assert torch.equal(model["wide"].weight, torch.full((2, 2), 1.5, dtype=torch.float64))

@@ -19,17 +19,11 @@ import torch.distributed as dist
 
 from .. import outer
 from ..flat_params import FlatParameterBuffers, flattenable
-from . import outer_state
+from . import agreement, outer_state
 from .anchors import Agreement, AnchoredLevel, AnchorState
 from .base import flat_buffers_needed
 from .plain import PlainLevel
 from .wire import WireMean
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    if optimizer is None:
-        return []
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
 class AnchoredLevels:
@@ -116,16 +110,35 @@ class AnchoredLevels:
             raise flat_buffers_needed([p for p in params if not flattenable(p)])
         return buffers
 
-    def ready(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The flat buffers of ``params``, with anchors allocated and any loaded outer state applied."""
+    def ready(self, params: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+        """The flat buffers of ``params``, with anchors allocated and any loaded outer state applied.
+
+        With ``group``, a setup (allocating the anchors, applying a loaded state,
+        re-agreeing after a membership change) is agreed on over it: every rank
+        raises if any rank's setup failed or the ranks' parameters differ
+        (:mod:`.agreement`; one small collective, at setups only).
+        """
         buffers = self.flat_buffers(params)
+        state = self.state
+        if group is None or (self.allocated and state.pending is None and state.agreement is not Agreement.STALE):
+            self._set_up(buffers)
+            return buffers
+        error = None
+        try:
+            self._set_up(buffers)
+        except (ValueError, TypeError, RuntimeError, KeyError) as exc:  # raised below on every rank
+            error = str(exc)
+        kept = agreement.kept_state(self.levels) if error is None and state.agreement is Agreement.STALE else []
+        agreement.agree_on(agreement.Outcome(agreement.layout_of(buffers), error, kept), group)
+        return buffers
+
+    def _set_up(self, buffers: list[torch.Tensor]) -> None:
         if not self.allocated:
             self._allocate(buffers)
         self._check_layout(buffers)
         if self.state.pending is not None:
             outer_state.apply(self.levels, self.state.pending)
             self.state.pending = None
-        return buffers
 
     def start(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
         """Anchors := mean of the parameters over ``group``, the whole group (collective, once).
@@ -134,7 +147,7 @@ class AnchoredLevels:
         world size) the existing anchors and outer-optimizer state are averaged
         over the new world instead, so every rank agrees on them.
         """
-        buffers = self.ready(params)
+        buffers = self.ready(params, group)
         with torch.no_grad():
             if not self.state.started:
                 for delta, flat in zip(self.deltas, buffers):
@@ -142,9 +155,10 @@ class AnchoredLevels:
                 self._plain.mean_in_place(self.deltas, group)
                 self.start_at(self.deltas)
             elif self.state.agreement is Agreement.STALE:
+                # Floating state of one or more dimensions; 0-d and integer state (step counts) is
+                # taken as is, agreed equal in ready() above.
                 tensors = [a for lv in self.levels for a in lv.anchors]
-                tensors += [t for lv in self.levels for t in _optimizer_tensors(lv.optimizer)]
-                tensors = [t for t in tensors if t.is_floating_point()]
+                tensors += [v for lv in self.levels for _, v in agreement.optimizer_state(lv) if agreement.averaged(v)]
                 device = buffers[0].device if buffers else None
                 # Host-resident state (anchor_device="cpu") travels through the parameters'
                 # device, which the backend (NCCL) serves; only at a membership change.
@@ -288,10 +302,6 @@ class AnchoredLevels:
                     )
 
     def _check_layout(self, buffers: list[torch.Tensor]) -> None:
-        have = [(d.numel(), d.dtype) for d in self.deltas]
-        got = [(b.numel(), b.dtype) for b in buffers]
+        have, got = agreement.layout_of(self.deltas), agreement.layout_of(buffers)
         if have != got:
-            raise ValueError(
-                f"the parameters being averaged form flat buffers of (elements, dtype) {got} but this "
-                f"averager's anchors were built for {have}: pass the same parameters on every call."
-            )
+            raise ValueError(agreement.layout_error(have, got))

@@ -82,8 +82,21 @@ class ReplicasLevel:
             if anchored is None:
                 # A group that healed in this sync may hold the peer's anchors only as loaded
                 # state (it had none allocated): apply them before lower levels take the new params.
-                anchors.ready(flat)
+                anchors.ready(flat, group)
             anchors.reset_below(self.period, flat)
+        return committed
+
+    def mean(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+        """The plain mean across replica groups, whatever the top level's options; ``True`` if committed.
+
+        Every anchored level (the top one too) then takes the result as its anchor:
+        :meth:`~elastic_hsgd.HierarchicalModelAverager.synchronize` with a top level.
+        """
+        committed = self._average(flat, by_copy, group)
+        anchors = self._anchors
+        if committed and anchors.state.started:
+            anchors.ready(flat, group)  # a group that healed in this sync applies the peer's anchors first
+            anchors.reset_below(self.period + 1, flat)
         return committed
 
     def _average(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
@@ -111,7 +124,7 @@ class ReplicasLevel:
         A discarded sync changes nothing: the next one carries the steps since.
         """
         anchors, owner = self._anchors, self._owner
-        buffers = anchors.ready(params)
+        buffers = anchors.ready(params, group)
         with torch.no_grad():
             for anchor, flat, delta in zip(lv.anchors, buffers, anchors.deltas):
                 if anchors.state.started:
