@@ -242,7 +242,8 @@ def train_loop(
 
     ``train_step(step)`` runs forward, backward and the optimizer step and
     returns the loss; then the averager averages ``state["model"]``, a
-    checkpoint is saved every ``args.checkpoint_every`` steps (and at the end; the local tier at its own cadence),
+    checkpoint is saved every ``args.checkpoint_every`` steps (and at the end, after
+    ``averager.synchronize``; the local tier at its own cadence),
     and every ``args.log_every`` steps a ``progress`` event carries the loss and
     ``metrics()``.
 
@@ -258,6 +259,10 @@ def train_loop(
         averager.average_parameters(model.parameters())
         emit_ft_events(info, top, averager, getattr(args, "replica_group_id", None))
         done = step + 1
+        if done == args.steps and top is None:
+            # Between averaging points every rank holds its own replica: end on the world's mean, so the
+            # final checkpoint and the `done` line's params_sha256 are the same on every rank.
+            averager.synchronize(model.parameters())
         # With replica groups one group writes (the first of the quorum), and the
         # last checkpoint comes after the final cross-group sync (the caller's).
         writer = top is None or top.is_checkpoint_writer()

@@ -10,7 +10,9 @@ any world size; on several nodes ``2:local,8:world`` adds a level inside each
 node); checkpoints every ``--checkpoint-every`` steps to ``--checkpoint-url``
 (any fsspec URL) and resumes from the newest one on every (re)start, at any
 world size. Rank 0 prints JSON lines: ``started``/``resumed``, ``progress``,
-``checkpoint`` and finally ``done`` with a hash of the final parameters.
+``checkpoint`` and finally ``done`` with a hash of the final parameters: the
+world's mean, the same on every rank (the loop ends with ``averager.synchronize``
+before the final save; with replica groups, with a committed cross-group sync).
 
 Fault-tolerant replica groups (torchft) when ``TORCHFT_LIGHTHOUSE`` is set: start
 ``torchft_lighthouse --min_replicas 1 --bind [::]:29510`` once, then one torchrun

@@ -13,7 +13,8 @@ validation text comes from files never trained on. The corpus's sha256 is in
 the ``started``/``resumed`` event: two runs agree on their data iff it matches.
 
 Flags, checkpoints, elastic resume and JSON events are the digits example's
-(``examples/common.py``); ``progress`` and ``done`` report ``val_loss`` in
+(``examples/common.py``), the loop ending with ``averager.synchronize`` before the
+final save; ``progress`` and ``done`` report ``val_loss`` in
 nats per byte (ln 256 = 5.55 is a uniform guess). Training windows come from an
 :class:`~elastic_hsgd.data.ElasticSampler` over every window start: one seeded
 permutation per epoch, walked by the whole world one global batch at a time.
