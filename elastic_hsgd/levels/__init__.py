@@ -2,8 +2,9 @@
 
 - :mod:`.plain`: :class:`PlainLevel`, the mean of flat buffers (and the copy path), as torch averages;
 - :mod:`.anchored`: :class:`AnchoredLevels`, anchors, outer optimizers and the pseudo-gradient sync,
-  with :mod:`.anchors` (what a level holds, the one :class:`AnchorState`) and
-  :mod:`.outer_state` (their saved state);
+  with :mod:`.anchors` (what a level holds, the one :class:`AnchorState`),
+  :mod:`.outer_state` (their saved state) and :mod:`.agreement` (what the ranks
+  agree on when the anchors are set up);
 - :mod:`.wire`: :class:`WireMean`, the mean in a wire dtype (bf16, fp16, int8) with its buffers;
 - :mod:`.replicas`: the :class:`TopLevel` contract and :class:`ReplicasLevel`, the top level
   across replica groups (torchft's implementation is in :mod:`elastic_hsgd.ft`).
