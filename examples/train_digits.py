@@ -18,7 +18,9 @@ Fault-tolerant replica groups (torchft) when ``TORCHFT_LIGHTHOUSE`` is set: star
 ``torchft_lighthouse --min_replicas 1 --bind [::]:29510`` once, then one torchrun
 per replica group, each with its own rendezvous and ``--replica-group-id``
 (default: env ``REPLICA_GROUP_ID``), and a hierarchy whose top level is
-``replicas``, e.g. ``--hierarchy 2:local,8:world,32:replicas``. A group that
+``replicas``, e.g. ``--hierarchy 2:local,8:world,32:replicas``, and every group
+with the same heal secret (``ELASTIC_HSGD_HEAL_SECRET=$(openssl rand -hex 32)``,
+or a file named by ``ELASTIC_HSGD_HEAL_SECRET_FILE``). A group that
 (re)starts while others run heals from a live peer instead of reading the
 checkpoint; only the first group of the quorum writes checkpoints. Extra lines:
 ``quorum`` (number of groups taking part changed) and ``healed``.
@@ -140,16 +142,21 @@ def main(argv: list[str] | None = None) -> None:
     state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
     joined = None
     if fault_tolerant:
-        from elastic_hsgd.ft.wiring import join, make_manager, sync_until_committed
+        from elastic_hsgd.ft.wiring import join, make_manager, resume_group, sync_until_committed
 
-        make_manager(top, state, str(args.replica_group_id), timeout=timedelta(seconds=args.ft_timeout))
+        # Needs ELASTIC_HSGD_HEAL_SECRET (or _FILE); a healed group is reseeded from (seed, step, group, rank).
+        make_manager(top, state, str(args.replica_group_id), timeout=timedelta(seconds=args.ft_timeout), seed=args.seed)
         joined = join(averager, ddp.parameters(), top)
         emit_ft_events(info, top, averager, args.replica_group_id, joined.heal)
     if joined is not None and joined.heal is not None:
         resumed = Resumed(joined.step, None, -1)  # healed from a peer (the "healed" line): the checkpoint is not read
     else:
-        # Per-rank RNG after a fresh start or a world-size change (see elastic.resume); replica groups repeat ranks.
-        resumed = resume(manager, state, averager, seed=args.seed if top is None else args.seed + 7919 * args.replica_group_id)
+        # Per-rank RNG after a fresh start or a world-size change (see elastic.resume); replica groups repeat
+        # ranks and resume from one writer's files, so each group reseeds from (seed, step, group, rank).
+        if top is None:
+            resumed = resume(manager, state, averager, seed=args.seed)
+        else:
+            resumed = resume_group(manager, state, averager, replica_group=args.replica_group_id, seed=args.seed)
         announce(info, resumed, averager)
     with progress_bar(info, args.steps, resumed.step) as progress:
         loss = train(args, info, device, ddp, state, manager, resumed.step, progress, (x_train, y_train, x_test, y_test), top)

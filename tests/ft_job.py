@@ -24,6 +24,8 @@ from tests.torchrun_job import EXAMPLE, Agent, single_node, stop_all, wait_liste
 
 # How fast a dead group is dropped: no heartbeat for 1 s. join_timeout bounds how
 # long a quorum waits for a heartbeating group that has not asked to join yet.
+# Every replica group of a job shares one heal secret (fault-tolerant mode refuses to start without one).
+HEAL_SECRET = "ft-job-heal-secret-0123456789abcdef"
 LIGHTHOUSE_FLAGS = ["--min_replicas", "1", "--heartbeat_timeout_ms", "1000", "--join_timeout_ms", "10000", "--quorum_tick_ms", "50"]
 
 
@@ -52,7 +54,10 @@ def start_group(
     lighthouse: Lighthouse, group: int, script_args: list[str], log_dir: Path, name: str, nproc: int = 2, max_restarts: int = 3
 ) -> Agent:
     """Replica group ``group``: one torchrun agent of ``nproc`` workers with its own rendezvous, joined to ``lighthouse``."""
-    env = {"TORCHFT_LIGHTHOUSE": lighthouse.address, "REPLICA_GROUP_ID": str(group), "ELASTIC_HSGD_FT_HOSTNAME": "127.0.0.1"}
+    env = {
+        "TORCHFT_LIGHTHOUSE": lighthouse.address, "REPLICA_GROUP_ID": str(group), "ELASTIC_HSGD_FT_HOSTNAME": "127.0.0.1",
+        "ELASTIC_HSGD_HEAL_SECRET": HEAL_SECRET,
+    }
     return Agent(single_node(free_port(), nproc, max_restarts), script_args, log_dir, name, EXAMPLE, env=env)
 
 

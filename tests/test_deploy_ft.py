@@ -75,3 +75,68 @@ def test_a_reordered_env_fails_the_build_instead_of_patching_another_variable(tm
     ))
     with pytest.raises(subprocess.CalledProcessError):
         _render(copy)
+
+
+def _pod_labels(doc: dict) -> dict:
+    if doc["kind"] == "PyTorchJob":
+        return doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]
+    return doc["spec"]["template"]["metadata"]["labels"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A NetworkPolicy podSelector (matchLabels only, as deploy/ft writes them) against a pod's labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_heal_secret_is_a_placeholder_secret_mounted_in_every_group():
+    from elastic_hsgd.ft.env import HEAL_SECRET_FILE_ENV, check_heal_secret
+
+    docs = _render(FT)
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    for job in pytorchjobs(docs):
+        pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+        container = pytorch_container(job)
+        env = _env(container)
+        assert "ELASTIC_HSGD_HEAL_SECRET" not in env  # never inline: a file from the Secret
+        var = env[HEAL_SECRET_FILE_ENV]
+        ref = var.get("valueFrom", {}).get("configMapKeyRef")
+        path = maps[ref["name"]][ref["key"]] if ref else var["value"]
+        mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+        assert mount.get("readOnly") is True
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        secret = secrets[volume["secret"]["secretName"]]
+        key = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+        items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])} or {k: k for k in secret.get("stringData", {})}
+        value = secret["stringData"][items[key]]
+        # The shipped value is a placeholder the code refuses: nobody runs with a known secret.
+        with pytest.raises(ValueError, match="placeholder"):
+            check_heal_secret(value.encode(), "the Secret")
+
+
+def test_network_policy_admits_only_the_jobs_pods_to_heal_store_and_lighthouse_ports():
+    docs = _render(FT)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policies and all(p["apiVersion"] == "networking.k8s.io/v1" for p in policies)
+    members = [*pytorchjobs(docs), next(d for d in docs if d["kind"] == "Deployment")]
+    member_labels = [_pod_labels(d) for d in members]
+    stranger = {"app": "something-else"}
+    for labels, doc in zip(member_labels, members):
+        covering = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        assert covering, f"no NetworkPolicy selects the pods of {doc['metadata']['name']}"
+        for policy in covering:
+            spec = policy["spec"]
+            assert "Ingress" in spec["policyTypes"]
+            for rule in spec.get("ingress", []):
+                peers = rule.get("from")
+                assert peers, f"{policy['metadata']['name']}: an ingress rule without `from` admits everyone"
+                for peer in peers:
+                    assert set(peer) == {"podSelector"}, peer  # no ipBlock, no other namespaces
+                    assert peer["podSelector"].get("matchLabels"), "an empty podSelector admits every pod"
+                    assert all(_selects(peer["podSelector"], other) for other in member_labels)
+                    assert not _selects(peer["podSelector"], stranger)
+    # The groups' heal servers, torchft managers, gloo and TCPStore ports are picked at start
+    # (the store at the job port, 23456): the policy over the group pods admits the job's pods on any port.
+    group_policy = next(p for p in policies if _selects(p["spec"]["podSelector"], member_labels[0]))
+    assert all("ports" not in rule for rule in group_policy["spec"]["ingress"])

@@ -20,9 +20,15 @@ from typing import Any
 
 import torch
 
+from .storage import CheckpointError
+
 MAGIC = b"EHSGDCK1"
 ALIGN = 64
 _DTYPES = {str(dt).removeprefix("torch."): dt for dt in vars(torch).values() if isinstance(dt, torch.dtype)}
+
+
+class LegacyFormatError(CheckpointError, ValueError):
+    """Bytes that are not a well-formed 0.1 rank file (a :class:`CheckpointError`, and a ``ValueError`` as before)."""
 
 
 def _pad(n: int) -> int:
@@ -30,7 +36,20 @@ def _pad(n: int) -> int:
 
 
 def decode(data: bytes) -> Any:
-    """Parse a file written by :func:`encode`; ``ValueError`` if it is anything else."""
+    """Parse a 0.1 rank file; :class:`LegacyFormatError` (a ``CheckpointError``) if it is anything else.
+
+    Every refusal, whatever a hostile header holds (missing keys, bad indices,
+    deep nesting), is that one error naming what is wrong.
+    """
+    try:
+        return _decode_file(data)
+    except LegacyFormatError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError, RuntimeError, struct.error) as exc:
+        raise LegacyFormatError(f"not a valid elastic_hsgd 0.1 (.ehsgd) rank file: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _decode_file(data: bytes) -> Any:
     if data[: len(MAGIC)] != MAGIC:
         raise ValueError("not an elastic_hsgd tensor file (bad magic); refusing to interpret it")
     if len(data) < len(MAGIC) + 8:
@@ -40,20 +59,32 @@ def decode(data: bytes) -> Any:
     if start + header_len > len(data):
         raise ValueError("truncated header")
     header = json.loads(bytes(data[start : start + header_len]))
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise ValueError(f"header {str(header)[:100]} is not an object with a list of tensors")
     base = start + header_len + _pad(start + header_len)
     tensors = [_tensor(data, base, entry) for entry in header["tensors"]]
     return _decode(header["tree"], tensors)
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor(data: bytes, base: int, entry: dict) -> torch.Tensor:
-    dtype = _DTYPES.get(entry["dtype"])
+    if not isinstance(entry, dict):
+        raise ValueError(f"tensor entry {str(entry)[:100]} is not an object")
+    dtype = _DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
-        raise ValueError(f"unknown dtype {entry['dtype']!r}")
-    shape = [int(s) for s in entry["shape"]]
+        raise ValueError(f"unknown dtype {str(entry['dtype'])[:50]!r}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or len(shape) > 64 or not all(_count(s) for s in shape):
+        raise ValueError(f"tensor shape {str(shape)[:100]} is not a list of sizes")
     numel = 1
     for s in shape:
         numel *= s
-    nbytes, offset = int(entry["nbytes"]), base + int(entry["offset"])
+    if not _count(entry["nbytes"]) or not _count(entry["offset"]):
+        raise ValueError(f"tensor entry {str(entry)[:200]}: offset and nbytes must be non-negative ints")
+    nbytes, offset = entry["nbytes"], base + entry["offset"]
     if nbytes != numel * dtype.itemsize or offset + nbytes > len(data) or offset < base:
         raise ValueError(f"tensor entry {entry} does not fit the file")
     if numel == 0:
@@ -65,10 +96,18 @@ def _tensor(data: bytes, base: int, entry: dict) -> torch.Tensor:
 def _decode(node: Any, tensors: list[torch.Tensor]) -> Any:
     if not isinstance(node, dict):
         return node
+    if len(node) != 1:
+        raise ValueError(f"tree node {str(node)[:100]} does not have exactly one tag")
     (tag, body), = node.items()
     if tag == "T":
+        if not _count(body) or body >= len(tensors):
+            raise ValueError(f"tree refers to tensor {str(body)[:50]}, the file holds {len(tensors)}")
         return tensors[body]
+    if tag in ("D", "L", "U") and not isinstance(body, list):
+        raise ValueError(f"tree node {tag!r} holds {type(body).__name__}, not a list")
     if tag == "D":
+        if not all(isinstance(pair, list) and len(pair) == 2 for pair in body):
+            raise ValueError(f"dict items {str(body)[:100]} are not [key, value] pairs")
         return {_decode(k, tensors): _decode(v, tensors) for k, v in body}
     if tag == "L":
         return [_decode(v, tensors) for v in body]

@@ -1,8 +1,13 @@
 """Fault tolerance across replica groups on torchft (from a clone: ``pip install -e .[ft]``).
 
 - :mod:`.replicas`: :class:`ReplicaGroups`, the ``"replicas"`` top level of the averager.
-- :mod:`.transport`: :class:`SafeHTTPTransport`, a pickle-free torchft ``CheckpointTransport``.
-- :mod:`.wiring`: torchft's Manager for a torchrun worker; joining and healing.
+- :mod:`.transport`: :class:`SafeHTTPTransport`, a pickle-free, authenticated torchft
+  ``CheckpointTransport`` (:mod:`.heal_auth` its proofs, :mod:`.heal_server` and
+  :mod:`.heal_client` its two ends).
+- :mod:`.wiring`: torchft's Manager for a torchrun worker; joining, healing, resuming a group.
+- :mod:`.reseed`: each group's own random streams after a heal or a resume.
+- :mod:`.env`: the replica group id and the heal secret (``ELASTIC_HSGD_HEAL_SECRET`` or
+  ``ELASTIC_HSGD_HEAL_SECRET_FILE``, required) from the environment.
 
 Nothing here is imported by the rest of the package: without torchft installed
 (or without ``TORCHFT_LIGHTHOUSE`` set) nothing changes.
@@ -11,11 +16,13 @@ The names above are importable from here; torchft is imported on first use::
 
     >>> # xdoctest: +SKIP("needs torchft, a lighthouse and torchrun")
     >>> from elastic_hsgd import HierarchicalModelAverager
-    >>> from elastic_hsgd.ft import ReplicaGroups, join, make_manager, sync_until_committed
+    >>> from elastic_hsgd.ft import ReplicaGroups, join, make_manager, resume_group, sync_until_committed
     >>> top = ReplicaGroups()
     >>> averager = HierarchicalModelAverager({2: "local", 8: "world", 32: "replicas"}, warmup_steps=20, top_level=top)
-    >>> make_manager(top, state, replica_group="0")     # needs TORCHFT_LIGHTHOUSE
+    >>> make_manager(top, state, replica_group="0", seed=0)  # needs TORCHFT_LIGHTHOUSE and the heal secret
     >>> joined = join(averager, ddp.parameters(), top)  # joined.heal: None unless healed from a peer
+    >>> if joined.heal is None:
+    ...     start = resume_group(checkpoints, state, averager, replica_group="0", seed=0).step
 
 See ``docs/fault-tolerance.md`` for the whole job.
 """
@@ -24,7 +31,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ReplicaGroups", "SafeHTTPTransport", "make_manager", "join", "sync_until_committed"]
+__all__ = [
+    "ReplicaGroups", "SafeHTTPTransport", "make_manager", "join", "sync_until_committed", "resume_group",
+    "replica_rank_seed",
+]
 
 _WHERE = {
     "ReplicaGroups": ".replicas",
@@ -32,6 +42,8 @@ _WHERE = {
     "make_manager": ".wiring",
     "join": ".wiring",
     "sync_until_committed": ".wiring",
+    "resume_group": ".wiring",
+    "replica_rank_seed": ".reseed",
 }
 
 
