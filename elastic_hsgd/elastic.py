@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,7 +35,8 @@ from .checkpoint import CheckpointManager
 
 logger = logging.getLogger(__name__)
 
-GENERATION_FILE = "GENERATION.json"
+GENERATION_FILE = "GENERATION.json"  # the newest generation, for people and tools
+GENERATIONS_DIR = "GENERATIONS"  # the claims: one exclusively created file per generation
 
 
 @dataclass(frozen=True)
@@ -231,13 +233,17 @@ def next_generation(manager: CheckpointManager) -> int:
     """A job-wide start counter, kept beside the checkpoints. Collective.
 
     ``TORCHELASTIC_RESTART_COUNT`` differs between nodes; this does not: rank 0
-    of each new world reads, increments and atomically rewrites it, and shares it.
+    of each new world claims the next number and shares it.
 
-    The counter lives in ``GENERATION.json`` at the manager's URL: 0 on the
-    first start (or after an unreadable file, with a warning), then one more on
-    every (re)start of the world. :func:`resume` calls it; call it yourself only
-    when you load checkpoints another way. Raises ``RuntimeError`` on every rank
-    if rank 0 cannot update the file.
+    A claim is a file ``GENERATIONS/generation_<n>`` at the manager's URL,
+    created exclusively (:meth:`~elastic_hsgd.checkpoint.storage.Storage.create`):
+    two worlds starting at once (torchft replica groups) never get the same
+    number, the one that loses the race takes the next. 0 on the first start,
+    then one more on every (re)start of a world. ``GENERATION.json`` holds the
+    last claim written, for people and tools (a location of an earlier version
+    continues from it). :func:`resume` calls it; call it yourself only when you
+    load checkpoints another way. Raises ``RuntimeError`` on every rank if rank
+    0 cannot claim one.
 
     Example::
 
@@ -247,21 +253,36 @@ def next_generation(manager: CheckpointManager) -> int:
     value: int | None = None
     error: str | None = None
     if manager.rank == 0:
-        path = manager.storage.path(GENERATION_FILE)
         try:
-            try:
-                value = int(json.loads(manager.storage.read_file(path))["generation"]) + 1
-            except FileNotFoundError:
-                value = 0
-            except (ValueError, KeyError) as exc:
-                logger.warning("unreadable %s (%r); starting generations again at 0", path, exc)
-                value = 0
-            manager.storage.write_atomic(path, json.dumps({"generation": value}).encode())
+            value = _claim_generation(manager.storage)
         except Exception as exc:  # noqa: BLE001 - the other ranks wait in the gather below
-            error = f"cannot update {path}: {exc!r}"
+            error = f"cannot claim a generation at {manager.storage.path(GENERATIONS_DIR)}: {exc!r}"
     value, error = manager.all_gather_object((value, error))[0]
     if error:
         raise RuntimeError(error)
+    return value
+
+
+def _claim_generation(storage: Any) -> int:
+    """Rank 0: create the first free ``GENERATIONS/generation_<n>`` above every claim, exclusively; return n."""
+    folder = storage.path(GENERATIONS_DIR)
+    claimed = [int(name.rsplit("_", 1)[1]) for name in storage.list_names(folder) if re.fullmatch(r"generation_\d{12}", name)]
+    if claimed:
+        value = max(claimed) + 1
+    else:  # a location of an earlier version: continue its counter
+        try:
+            value = int(json.loads(storage.read_file(storage.path(GENERATION_FILE)))["generation"]) + 1
+        except FileNotFoundError:
+            value = 0
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("unreadable %s (%r); starting generations again at 0", storage.path(GENERATION_FILE), exc)
+            value = 0
+    while not storage.create(f"{folder}/generation_{value:012d}", b""):
+        value += 1  # another world claimed it first
+    storage.write_atomic(storage.path(GENERATION_FILE), json.dumps({"generation": value}).encode())
+    for old in claimed:  # a few claims are enough to continue from
+        if old < value - 8:
+            storage.rm_file(f"{folder}/generation_{old:012d}")
     return value
 
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterable
 from typing import Any
 
-from .layout import CommitRecord, FileEntry, plan_retention, step_dir_name
+from .layout import ABANDONED_NAME, COMMIT_NAME, CommitRecord, FileEntry, plan_retention, step_dir_name
 from .state import deserialize
 from .storage import CheckpointError, Storage, checksum_of
 
@@ -91,16 +93,70 @@ def remove_step(storage: Storage, step: int, *, committed: bool = True) -> None:
     storage.remove_tree(storage.path(step_dir_name(step)))
 
 
+def step_listing(storage: Storage) -> tuple[list[int], set[int]]:
+    """Every committed step, abandoned ones included, and which of them are marked abandoned."""
+    committed, marked = [], set()
+    for step in storage.step_dirs():
+        names = storage.list_names(storage.path(step_dir_name(step)))
+        if COMMIT_NAME in names:
+            committed.append(step)
+            if ABANDONED_NAME in names:
+                marked.add(step)
+    return committed, marked
+
+
+def mark_abandoned(storage: Storage, steps: Iterable[int], loaded: int | None) -> None:
+    """Hide ``steps`` from readers: the run loaded ``loaded``, an older step (``None``: none), and left them behind.
+
+    The next save's retention deletes them; loading one of them explicitly
+    first brings it back (:func:`unmark_abandoned`).
+    """
+    note = json.dumps({"loaded": loaded, "unix_time": time.time()}).encode()
+    for step in steps:
+        storage.write_atomic(storage.path(step_dir_name(step), ABANDONED_NAME), note)
+
+
+def unmark_abandoned(storage: Storage, up_to: int) -> None:
+    """Un-hide the abandoned steps up to ``up_to``: a run loaded ``up_to``, so they are its past again."""
+    for step in sorted(step_listing(storage)[1]):
+        if step <= up_to:
+            storage.rm_file(storage.path(step_dir_name(step), ABANDONED_NAME))
+
+
+def remove_unreferenced(storage: Storage, record: CommitRecord) -> None:
+    """After a re-save committed ``record``: delete its folder's other files (the replaced version's)."""
+    keep = {COMMIT_NAME, *(f.name for f in record.files)}
+    step_dir = storage.path(step_dir_name(record.step))
+    for name in storage.list_names(step_dir):
+        if name not in keep:
+            storage.rm_file(f"{step_dir}/{name}")
+
+
 def apply_retention(
-    storage: Storage, keep: int, just_committed: int, previous: int | None = None, *, what: str = "retention", log_deletions: bool = True
+    storage: Storage,
+    keep: int,
+    just_committed: int,
+    previous: int | None = None,
+    *,
+    what: str = "retention",
+    log_deletions: bool = True,
+    abandoned: Iterable[int] | None = None,
 ) -> None:
     """Delete what :func:`~.layout.plan_retention` says after committing ``just_committed``.
 
+    With ``abandoned`` (the cloud tier), the steps marked abandoned on storage
+    are abandoned too; without it, the single-writer rule of ``previous``.
     Never raises: a failure is logged (as "could not apply ``what``"), since
     retention must never fail a committed save.
     """
     try:
-        drop_committed, drop_partial = plan_retention(storage.committed_steps(), storage.step_dirs(), keep, just_committed, previous)
+        if abandoned is None:
+            drop_committed, drop_partial = plan_retention(storage.committed_steps(), storage.step_dirs(), keep, just_committed, previous)
+        else:
+            committed, marked = step_listing(storage)
+            drop_committed, drop_partial = plan_retention(
+                committed, storage.step_dirs(), keep, just_committed, abandoned=set(abandoned) | marked
+            )
         for step in drop_committed + drop_partial:
             remove_step(storage, step, committed=step in drop_committed)
             if log_deletions:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +29,17 @@ FORMAT_VERSION = 2
 #: Record formats this version reads: 1 is elastic_hsgd 0.1 (``.ehsgd`` rank files).
 READABLE_FORMATS = {1: ".ehsgd", 2: ".safetensors"}
 COMMIT_NAME = "COMMIT.json"
+#: In a committed step folder: a load of an older step left this step behind (hidden from readers, deleted at the next save).
+ABANDONED_NAME = "ABANDONED"
+#: At the cloud root: the run's identity, created once (exclusively) on the first save or load.
+RUN_ID_NAME = "RUN_ID"
 #: What a commit record may claim; a tampered record must not make a reader loop or allocate without bound.
 MAX_WORLD_SIZE = 1 << 20
 MAX_FILE_BYTES = 1 << 44
 MAX_COMMIT_BYTES = 256 << 20
 _STEP_DIR = re.compile(r"^step_(\d{12})$")
+_RANK_FILE = re.compile(r"^rank_(\d{5,})(?:\.([0-9a-f]{8}))?(\.[a-z]+)$")
+_TAG = re.compile(r"^[0-9a-f]{8}$")
 
 
 def step_dir_name(step: int) -> str:
@@ -52,13 +59,28 @@ def parse_step_dir(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def rank_file_name(rank: int, record_format: int = FORMAT_VERSION) -> str:
+def rank_file_name(rank: int, record_format: int = FORMAT_VERSION, tag: str | None = None) -> str:
     """The file of ``rank`` in a step folder of record format ``record_format``.
 
-    >>> rank_file_name(3), rank_file_name(3, 1)
-    ('rank_00003.safetensors', 'rank_00003.ehsgd')
+    ``tag`` (8 hex digits) names a re-save's files, written beside the committed
+    ones until its commit record replaces theirs.
+
+    >>> rank_file_name(3), rank_file_name(3, 1), rank_file_name(3, tag="0a1b2c3d")
+    ('rank_00003.safetensors', 'rank_00003.ehsgd', 'rank_00003.0a1b2c3d.safetensors')
     """
-    return f"rank_{rank:05d}{READABLE_FORMATS[record_format]}"
+    if tag is not None and not _TAG.match(tag):
+        raise ValueError(f"rank file tag {tag!r} must be 8 lowercase hex digits.")
+    return f"rank_{rank:05d}{'' if tag is None else '.' + tag}{READABLE_FORMATS[record_format]}"
+
+
+def rank_file_tag(name: str) -> str | None:
+    """The re-save tag of a rank file name, ``None`` for a first save's file.
+
+    >>> rank_file_tag("rank_00003.0a1b2c3d.safetensors"), rank_file_tag("rank_00003.safetensors")
+    ('0a1b2c3d', None)
+    """
+    match = _RANK_FILE.match(name)
+    return match.group(2) if match else None
 
 
 def saved_ranks_to_read(rank: int, world_size: int, saved_world_size: int) -> list[int]:
@@ -134,7 +156,7 @@ class CommitRecord:
 
     def file_for_rank(self, rank: int) -> FileEntry:
         """The entry of saved rank ``rank``'s file; ``ValueError`` if the record has none."""
-        name = rank_file_name(rank, self.format)
+        name = rank_file_name(rank, self.format, rank_file_tag(self.files[0].name) if self.files else None)
         for entry in self.files:
             if entry.name == name:
                 return entry
@@ -185,7 +207,9 @@ class CommitRecord:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"commit record is malformed: {exc!r}") from exc
         step_dir_name(record.step)
-        expected = sorted(rank_file_name(r, record_format) for r in range(record.world_size))
+        # One version of the step: every file has the first one's tag (a re-save's) or none.
+        tag = rank_file_tag(files[0].name) if record_format == FORMAT_VERSION else None
+        expected = sorted(rank_file_name(r, record_format, tag) for r in range(record.world_size))
         if sorted(f.name for f in files) != expected:
             shown = [f.name for f in files[:8]]
             raise ValueError(f"commit record of step {record.step} lists files {shown}..., expected {expected[:8]}...")
@@ -193,31 +217,48 @@ class CommitRecord:
 
 
 def plan_retention(
-    committed: list[int], uncommitted: list[int], keep: int, just_committed: int, previous: int | None = None
+    committed: list[int],
+    uncommitted: list[int],
+    keep: int,
+    just_committed: int,
+    previous: int | None = None,
+    *,
+    abandoned: Collection[int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Which step directories to delete after committing ``just_committed``.
 
-    ``previous`` is the step this run last loaded or saved before (``None`` on a
-    fresh start). The rule:
+    ``abandoned`` are the committed steps of a timeline the run left: those
+    that were newer than the step it loaded *when it loaded* (it fell back past
+    a corrupt newest step, or loaded an older step on purpose), and its own
+    saves newer than this one. The rule:
 
     - The step just committed is never deleted.
-    - Committed steps newer than it, and those between ``previous`` and it,
-      are *superseded*: they belong to a timeline the run abandoned (it fell
-      back past a corrupt newest step, or loaded an older step on purpose), and
-      a restart must not go back to them. They are deleted.
-    - Of the committed steps older than it, the newest ``keep - 1`` are kept.
+    - Abandoned steps are deleted: a restart must not go back to them.
+    - Of the other committed steps, which are ordinary whoever wrote them
+      (another torchft writer's steps committed after this run loaded), the
+      newest ``keep`` (counting the one just committed) are kept.
     - Uncommitted directories other than the one just committed are leftovers
       of crashed saves (saves are serialized) and are deleted.
 
+    Without ``abandoned``, the single-writer shorthand: the committed steps
+    newer than ``just_committed``, and those between ``previous`` (the step
+    this run last loaded or saved; ``None`` on a fresh start) and it, are the
+    abandoned ones.
+
     >>> plan_retention([100, 150, 160, 200], [100, 150, 160, 200], keep=3, just_committed=160, previous=150)
     ([200], [])
+    >>> plan_retention([500, 525, 550, 575, 600], [], keep=3, just_committed=600, abandoned=())
+    ([500, 525], [])
     """
     if keep < 1:
         raise ValueError(f"keep={keep} must be at least 1.")
     done = set(committed) | {just_committed}
-    superseded = {s for s in done if s > just_committed or (previous is not None and previous < s < just_committed)}
-    older = sorted((s for s in done - superseded if s < just_committed), reverse=True)
-    drop_committed = sorted(superseded | set(older[keep - 1 :]))
+    if abandoned is None:
+        abandoned = {s for s in done if s > just_committed or (previous is not None and previous < s < just_committed)}
+    superseded = (set(abandoned) & done) - {just_committed}
+    ordinary = sorted(done - superseded, reverse=True)
+    kept = set(ordinary[:keep]) | {just_committed}
+    drop_committed = sorted(done - kept)
     drop_partial = sorted(s for s in set(uncommitted) - done)
     return drop_committed, drop_partial
 

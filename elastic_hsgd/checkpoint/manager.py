@@ -10,11 +10,14 @@ size changed). Every rank agrees on every outcome.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Mapping, MutableMapping
 from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any
+
+import torch.distributed as dist
 
 from ..collectives import Peers
 from ..collectives import combine_errors as combine_errors  # re-exported: its earlier home
@@ -48,11 +51,14 @@ class CheckpointManager:
     is a valid label: test ``is None``, not truthiness).
 
     **Retention.** After a save commits, the newest ``keep`` committed steps
-    up to it are kept; the save itself is never deleted. Committed steps newer
-    than it, or newer than the step this run last loaded or saved (a fall-back
-    past a corrupt newest step, or :meth:`load` of an older step), belong to
-    an abandoned timeline and are deleted, so a restart resumes from the run's
-    own newest save.
+    are kept; the save itself is never deleted. A load abandons the committed
+    steps newer than the step loaded at that moment (a fall-back past a
+    corrupt newest step, or :meth:`load` of an older step): they are hidden
+    from readers at once and deleted at the next save, so a restart resumes
+    from the run's own timeline. Steps another writer commits later (torchft)
+    are ordinary steps. A run that has not loaded refuses to save where
+    committed steps exist (``overwrite=True`` replaces them), and a re-saved
+    step stays committed until its new version is.
 
     **Storage calls** all go through one :class:`~.storage.RetryPolicy`
     (exponential backoff with jitter, ``retries`` and a ``retry_deadline_s``
@@ -78,6 +84,10 @@ class CheckpointManager:
         local_every: local cadence of :meth:`maybe_save`; required with ``local_url``.
         local_keep: how many committed local checkpoints each node keeps.
         local_storage_options: fsspec options of ``local_url``.
+        overwrite: let a run that has not loaded save over the location's
+            committed steps (those newer than its first save are deleted).
+        node: this process's node for the local tier's buddy placement; default
+            ``ELASTIC_HSGD_NODE_RANK``, else torchrun's ``GROUP_RANK``.
 
     Construction is collective when ``torch.distributed`` is initialised, and
     checks that every rank can write the URL. The tiers are the attributes
@@ -128,7 +138,10 @@ class CheckpointManager:
         local_every: int | None = None,
         local_keep: int = 2,
         local_storage_options: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        node: int | None = None,
     ) -> None:
+        _check_process_group()
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep={keep!r} must be an int >= 1 (how many checkpoints to keep).")
         for name, value in (("every", every), ("local_every", local_every)):
@@ -155,10 +168,13 @@ class CheckpointManager:
         self.last_source: str | None = None  # where load_latest found it: "local", "buddy" or "cloud"
         self._warned_no_averager = False
         self._closed = False
-        self.cloud = CloudTier(self.storage, self._peers, keep=keep)  # checks that every rank can write
+        # Checks that every rank can write; keeps the run id the local tier's steps carry.
+        self.cloud = CloudTier(self.storage, self._peers, keep=keep, overwrite=overwrite, run_identity=local_url is not None)
         self.local: LocalTier | None = None
         if local_url is not None:
-            self.local = LocalTier(local_url, keep=local_keep, storage_options=local_storage_options, timeout=timeout)
+            self.local = LocalTier(
+                local_url, keep=local_keep, storage_options=local_storage_options, timeout=timeout, node=node, run=self.cloud.run_stamp
+            )
         # In saving order; loads ask the nearest (the last) first.
         self.tiers: tuple[Tier, ...] = (self.cloud,) if self.local is None else (self.cloud, self.local)
         release_at_exit(self._release_group)  # after the wait below, which atexit runs first
@@ -180,6 +196,7 @@ class CheckpointManager:
         :meth:`close` or interpreter exit waits for it and raises if it failed.
         """
         step_dir_name(step)  # validates step before anything is written
+        _check_label(step, state)
         self._check_open()
         self.wait()
         background = self.async_save if blocking is None else not blocking
@@ -198,6 +215,7 @@ class CheckpointManager:
         ``async_save``) plus the local tier's staging copy. Returns the tiers
         saved, e.g. ``("cloud", "local")``.
         """
+        _check_label(step, state)
         saved: list[str] = []
         if final or (self.every is not None and step % self.every == 0):
             self.save(step, state)
@@ -292,11 +310,19 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
+        self.cloud.held_steps()  # what is newer than ``step`` now: the steps this load abandons
         try:
             self._restore(step, state, self.cloud.reader(step), strict)
         except Unusable as exc:
             raise CheckpointError(str(exc)) from None
         return step
+
+    def continue_from(self, step: int) -> None:
+        """Say that ``state`` continues step ``step`` of this location's run, obtained without
+        loading (a torchft heal from a live peer), so saves may follow; nothing is abandoned. Collective."""
+        step_dir_name(step)
+        self.wait()
+        self.cloud.continue_from(step)
 
     def load_latest(self, state: MutableMapping[str, Any], *, strict: bool = True) -> int | None:
         """Load the newest checkpoint that every rank can get and verify; return its step, or ``None`` if there is none.
@@ -371,3 +397,28 @@ class CheckpointManager:
                 "" if record.world_size == self.world_size else "; every rank got the mean of the saved replicas, RNG not restored",
             )
 
+
+def _check_process_group() -> None:
+    """A manager without a process group is a world of one: refuse that while the launcher says otherwise."""
+    world = os.environ.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise CheckpointError(
+            f"CheckpointManager built before torch.distributed.init_process_group, while WORLD_SIZE={world}: every "
+            f"process would act as rank 0 of a world of 1 and overwrite the others' files. Call "
+            "torch.distributed.init_process_group (or elastic_hsgd.elastic.init_distributed) first."
+        )
+
+
+def _check_label(step: int, state: Mapping[str, Any]) -> None:
+    """A checkpoint's label is the averager's step: refuse any other, which would fail the resume later.
+
+    An averager that has not averaged yet (step 0) takes any label: nothing
+    it holds depends on the step, and the loop's off-by-one cannot produce it.
+    """
+    for name, obj in state.items():
+        if is_step_keeper(obj) and getattr(obj, "step", 0) not in (0, step):
+            raise ValueError(
+                f"checkpoint label {step} differs from state[{name!r}].step = {obj.step}, the averager's step. The "
+                "label is the number of optimizer steps done, which is averager.step: save after "
+                "average_parameters with step + 1 (`for step in range(start, steps): ...; manager.save(step + 1, state)`)."
+            )

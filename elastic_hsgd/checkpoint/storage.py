@@ -8,6 +8,7 @@ is listed with ``ls`` and addressed file by file; nothing here calls
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
-from .layout import COMMIT_NAME, MAX_COMMIT_BYTES, parse_step_dir, step_dir_name
+from .layout import ABANDONED_NAME, COMMIT_NAME, MAX_COMMIT_BYTES, parse_step_dir, step_dir_name
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +192,52 @@ class Storage:
         self._call("writing", tmp, lambda: self.fs.pipe_file(tmp, data))
         self._call("committing", path, lambda: self._move(tmp, path))
 
+    def create(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` unless it exists; ``True`` if this call created it.
+
+        Exclusive where the filesystem offers it, so of two writers racing for
+        a name exactly one wins: a local folder links a complete temporary file
+        to the name (fails if it exists), S3 makes a conditional PUT
+        (``If-None-Match: *``, botocore > 1.35.20). Other filesystems get
+        fsspec's ``mode="create"`` (a check, then a write).
+        """
+        self._make_parent(path)
+        try:
+            self._call("creating", path, lambda: self._create(path, data))
+        except FileExistsError:
+            return False
+        return True
+
+    def _create(self, path: str, data: bytes) -> None:
+        if isinstance(self.fs, LocalFileSystem):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)  # the name appears whole, or FileExistsError
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (some FUSE and network filesystems)
+                with open(path, "xb") as f:
+                    f.write(data)
+            finally:
+                os.unlink(tmp)
+            return
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            raise
+        except TypeError:  # an fsspec without mode=: check, then write
+            if self.fs.exists(path):
+                raise FileExistsError(path) from None
+            self.fs.pipe_file(path, data)
+        except Exception:
+            # S3 refuses a lost race with 412 PreconditionFailed, which s3fs raises as a plain OSError.
+            self.fs.invalidate_cache(path)
+            if self.fs.exists(path):
+                raise FileExistsError(path) from None
+            raise
+
     def _move(self, source: str, target: str) -> None:
         if type(self.fs).mv is AbstractFileSystem.mv:
             # The generic mv is copy + rm of expanded patterns: do its work file by
@@ -259,8 +307,17 @@ class Storage:
         return sorted(s for s in map(parse_step_dir, self.list_names(self.root)) if s is not None)
 
     def committed_steps(self) -> list[int]:
-        """Steps whose commit record exists, oldest first (a fresh listing: other ranks write too)."""
-        return [s for s in self.step_dirs() if COMMIT_NAME in self.list_names(self.path(step_dir_name(s)))]
+        """Steps whose commit record exists, oldest first (a fresh listing: other ranks write too).
+
+        Steps marked abandoned (an ``ABANDONED`` file: a load of an older step
+        left them behind; deleted at the next save) are left out.
+        """
+        committed = []
+        for step in self.step_dirs():
+            names = self.list_names(self.path(step_dir_name(step)))
+            if COMMIT_NAME in names and ABANDONED_NAME not in names:
+                committed.append(step)
+        return committed
 
     def commit_path(self, step: int) -> str:
         """The path of step ``step``'s commit record."""

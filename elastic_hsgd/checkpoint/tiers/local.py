@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -56,6 +57,7 @@ from ..background import BackgroundSaver
 from ..commit import apply_retention, decode, remove_step, write_commit_record
 from ..layout import CommitRecord, FileEntry, files_to_read, rank_file_name, step_dir_name
 from ..local_plan import BUDDY, CopyKey, LoadPlan, NeededFn, StepHolding, buddy_ranks, plan_load
+from ..run_identity import RunStamp, foreign_reason
 from ..state import serialize
 from ..storage import CheckpointError, Storage
 from . import StepReader
@@ -75,10 +77,37 @@ def _needed(rank: int, saved_world: int, world: int) -> list[int]:
     return files_to_read(rank, world, saved_world)
 
 
+#: The environment variable that names this process's node for launchers other than torchrun.
+NODE_ENV = "ELASTIC_HSGD_NODE_RANK"
+_warned_no_node = False
+
+
+def _node_in_env() -> int | None:
+    for name in (NODE_ENV, "GROUP_RANK"):
+        value = os.environ.get(name, "")
+        if value:
+            if not value.isdigit():
+                raise ValueError(f"{name}={value!r} must be a non-negative int: the index of this process's node.")
+            return int(value)
+    return None
+
+
 def node_from_env() -> int:
-    """This process's node: torchrun's ``GROUP_RANK`` (one per agent), 0 without it."""
-    value = os.environ.get("GROUP_RANK", "")
-    return int(value) if value else 0
+    """This process's node: ``ELASTIC_HSGD_NODE_RANK``, else torchrun's ``GROUP_RANK`` (one per agent), else 0."""
+    node = _node_in_env()
+    return 0 if node is None else node
+
+
+def _warn_node_unknown(ranks: list[int]) -> None:
+    global _warned_no_node
+    if _warned_no_node:
+        return
+    _warned_no_node = True
+    logger.warning(
+        "local checkpoint tier: rank(s) %s have no node id (neither GROUP_RANK, set by torchrun, nor %s), so every "
+        "rank is taken to be on node 0 and buddy copies may land on the same machine, where losing it loses both. "
+        "Pass CheckpointManager(..., node=<this node's index>) or set %s.", ranks[:8], NODE_ENV, NODE_ENV,
+    )
 
 
 class LocalTier:
@@ -87,6 +116,10 @@ class LocalTier:
     Construction is collective when ``torch.distributed`` is initialised (it
     creates the tier's own gloo group and learns every rank's node). The
     :class:`~..manager.CheckpointManager` drives it; see its ``local_url``.
+
+    ``run`` gives this run's :class:`~..run_identity.RunStamp` (collective the
+    first time): every commit record carries it, and a step stamped by
+    another run is never loaded (a WARNING names the folder and the step).
     """
 
     name = "local"
@@ -99,23 +132,31 @@ class LocalTier:
         storage_options: dict[str, Any] | None = None,
         timeout: timedelta = timedelta(minutes=10),
         node: int | None = None,
+        run: Callable[[], RunStamp] | None = None,
     ) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"local_keep={keep!r} must be an int >= 1 (how many local checkpoints to keep).")
         self.url = url
         self.keep = keep
         self.storage = Storage(url, storage_options)
+        known = node is not None or _node_in_env() is not None
         node = node_from_env() if node is None else node
+        if isinstance(node, bool) or not isinstance(node, int) or node < 0:
+            raise ValueError(f"node={node!r} must be a non-negative int: the index of this process's node.")
+        self._run = run
         self._lost: PeerLost | None = None  # set once a collective failed: the group is unusable from then on
         # Its own group: saves run collectives and send/recv from a background
         # thread, which must never interleave with the cloud tier's or training's.
         self._peers = Peers.own_gloo_group(timeout, CheckpointError)
         self.rank, self.world_size = self._peers.rank, self._peers.world_size
-        gathered = self._all_gather((node, self.storage.writable_error()))
-        failed = [(r, e) for r, (_, e) in enumerate(gathered) if e]
+        gathered = self._all_gather((node, self.storage.writable_error(), known))
+        failed = [(r, e) for r, (_, e, _) in enumerate(gathered) if e]
         if failed:
             raise CheckpointError(f"local checkpoint tier unusable on {len(failed)} rank(s): " + "; ".join(f"rank {r}: {e}" for r, e in failed[:4]))
-        self.nodes = [n for n, _ in gathered]
+        self.nodes = [n for n, _, _ in gathered]
+        unknown = [r for r, (_, _, k) in enumerate(gathered) if not k]
+        if unknown and self.world_size > 1 and self.rank == 0:
+            _warn_node_unknown(unknown)
         self.node = node
         self.buddies = buddy_ranks(self.nodes)
         self.committed_step: int | None = None  # newest step this process saw committed everywhere
@@ -162,6 +203,8 @@ class LocalTier:
             raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
         self.wait()
         self._raise_if_lost()
+        if self._run is not None:  # foreground: the stamp may need a collective of the cloud tier
+            extra = {**(extra or {}), "run": self._run().to_json()}
         chunks = [memoryview(c).cast("B") for c in serialize(payload)]
         size = sum(c.nbytes for c in chunks)
         if len(self._blob) != size:
@@ -268,9 +311,18 @@ class LocalTier:
         return node_holdings(self.storage)
 
     def survey(self) -> list[dict[int, StepHolding]]:
-        """Every rank's :meth:`holdings` (collective)."""
+        """Every rank's :meth:`holdings` of this run (collective); other runs' steps are left out with a WARNING."""
         self.wait()
-        return self._all_gather(self.holdings())
+        held = self.holdings()
+        if self._run is not None:
+            current = self._run()
+            for step in sorted(held):
+                reason = foreign_reason((held[step].record.extra or {}).get("run"), current)
+                if reason is not None:
+                    del held[step]
+                    if self.node_lead:  # one warning per folder
+                        logger.warning("local checkpoint step %d in %s is not loaded: %s", step, self.url, reason)
+        return self._all_gather(held)
 
     def held_steps(self) -> set[int]:
         """The local steps some node holds (collective: a :meth:`survey`, kept for :meth:`reader`)."""
