@@ -55,7 +55,7 @@ def _resume_worker(rank: int, world: int, port: int, url: str, options: str, mb:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    manager = CheckpointManager(url, include_rng=False, storage_options=json.loads(options))
+    manager = CheckpointManager(url, include_rng=False, storage_options=json.loads(options), overwrite=True)  # scratch data
     state = _replica(mb, seed=rank)
     if repeats == 0:
         manager.save(1, state)
@@ -130,7 +130,7 @@ def main() -> None:
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
     state = {"model": model}
     options = json.loads(args.storage_options)
-    manager = CheckpointManager(url, keep=2, include_rng=False, storage_options=options)
+    manager = CheckpointManager(url, keep=2, include_rng=False, storage_options=options, overwrite=True)  # scratch: --url may hold an earlier run's
     data = b"".join(bytes(c) for c in serialize(capture(state, include_rng=False)))
     nbytes = len(data)
     fs, root = fsspec.core.url_to_fs(url, **options)
@@ -168,7 +168,9 @@ def main() -> None:
         memoryview(copy_target)[:] = data
         memcpy.append(time.perf_counter() - start)
 
-    tiered = CheckpointManager(url, keep=2, include_rng=False, storage_options=options, local_url=local_url, local_every=1, local_keep=2)
+    tiered = CheckpointManager(
+        url, keep=2, include_rng=False, storage_options=options, local_url=local_url, local_every=1, local_keep=2, overwrite=True
+    )
     local_block, local_total = [], []
 
     def run_local() -> None:

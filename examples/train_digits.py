@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         emit_ft_events(info, top, averager, args.replica_group_id, joined.heal)
     if joined is not None and joined.heal is not None:
         resumed = Resumed(joined.step, None, -1)  # healed from a peer (the "healed" line): the checkpoint is not read
+        manager.continue_from(joined.step)  # the shared timeline at the peer's step: this group may write it next
     else:
         # Per-rank RNG after a fresh start or a world-size change (see elastic.resume); replica groups repeat
         # ranks and resume from one writer's files, so each group reseeds from (seed, step, group, rank).

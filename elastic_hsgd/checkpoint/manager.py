@@ -319,7 +319,7 @@ class CheckpointManager:
 
     def continue_from(self, step: int) -> None:
         """Say that ``state`` continues step ``step`` of this location's run, obtained without
-        loading (a torchft heal from a live peer), so saves may follow; nothing is abandoned. Collective."""
+        loading (a torchft heal from a live peer), so saves may follow; nothing is abandoned. Call it on every rank."""
         step_dir_name(step)
         self.wait()
         self.cloud.continue_from(step)
