@@ -31,6 +31,10 @@ class LegacyFormatError(CheckpointError, ValueError):
     """Bytes that are not a well-formed 0.1 rank file (a :class:`CheckpointError`, and a ``ValueError`` as before)."""
 
 
+# What hostile bytes can make the decoder below raise; each becomes a LegacyFormatError.
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError, RuntimeError, struct.error)
+
+
 def _pad(n: int) -> int:
     return -n % ALIGN
 
@@ -45,7 +49,7 @@ def decode(data: bytes) -> Any:
         return _decode_file(data)
     except LegacyFormatError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError, RuntimeError, struct.error) as exc:
+    except _MALFORMED as exc:
         raise LegacyFormatError(f"not a valid elastic_hsgd 0.1 (.ehsgd) rank file: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 

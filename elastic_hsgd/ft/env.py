@@ -111,7 +111,9 @@ def heal_secret_from_env() -> bytes:
     """
     value, path = os.environ.get(HEAL_SECRET_ENV), os.environ.get(HEAL_SECRET_FILE_ENV)
     if value and path:
-        raise ValueError(f"both {HEAL_SECRET_ENV} and {HEAL_SECRET_FILE_ENV} are set: set only one, so every group surely uses the same secret.")
+        raise ValueError(
+            f"both {HEAL_SECRET_ENV} and {HEAL_SECRET_FILE_ENV} are set: set only one, so every group surely uses the same secret."
+        )
     if value:
         return check_heal_secret(value.encode(), HEAL_SECRET_ENV)
     if path:

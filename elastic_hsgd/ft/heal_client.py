@@ -39,7 +39,9 @@ class ProofRefused(PermissionError):
     """The peer refused this rank's proof (HTTP 401/403): the groups do not share one heal secret."""
 
 
-def fetch(url: str, step: int, secret: bytes, *, max_bytes: int | None, seconds: float, src_rank: int = 0) -> tuple[str, bytearray]:
+def fetch(
+    url: str, step: int, secret: bytes, *, max_bytes: int | None, seconds: float, src_rank: int = 0
+) -> tuple[str, bytearray]:
     """The source group's id and the authenticated body a peer serves for ``step`` at ``url``.
 
     Only ``http://host[:port]/...`` URLs are fetched (else ``ValueError``).

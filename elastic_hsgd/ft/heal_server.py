@@ -37,11 +37,14 @@ class HealServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # connections beyond the slots are accepted and closed at once, not left to SYN retries
 
-    def __init__(self, address: tuple, family: socket.AddressFamily, answer: Answer, timeout_s: float, max_connections: int) -> None:
+    def __init__(
+        self, address: tuple, family: socket.AddressFamily, answer: Answer, timeout_s: float, max_connections: int
+    ) -> None:
         self.address_family = family
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._last_busy_warning = -float("inf")
         super().__init__(address, _handler_class(answer))
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -51,7 +54,13 @@ class HealServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            logger.warning("heal server busy (%d connections): closed one from %s", self.max_connections, client_address[0])
+            now = time.monotonic()
+            warn = now - self._last_busy_warning > 60  # a WARNING a minute at most, not one per connection
+            if warn:
+                self._last_busy_warning = now
+            (logger.warning if warn else logger.debug)(
+                "heal server busy (%d connections): closed one from %s", self.max_connections, client_address[0]
+            )
             self.shutdown_request(request)
             return
         try:

@@ -225,7 +225,8 @@ class SafeHTTPTransport(CheckpointTransport[dict]):
         """
         url = f"{metadata}{step}"
         started = time.perf_counter()
-        source, data = fetch(url, step, self._secret, max_bytes=self.max_bytes, seconds=timeout.total_seconds(), src_rank=src_rank)
+        seconds = timeout.total_seconds()
+        source, data = fetch(url, step, self._secret, max_bytes=self.max_bytes, seconds=seconds, src_rank=src_rank)
         payload = _decode(data, url, src_rank)
         self.last_received = Received(source, step, len(data), time.perf_counter() - started)
         logger.info("healed step %d from %s: %.1f MB in %.2f s", step, url, len(data) / 1e6, self.last_received.seconds)

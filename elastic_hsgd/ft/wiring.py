@@ -245,7 +245,13 @@ def join(averager: Any, params: Iterable[Any], top: ReplicaGroups) -> Joined:
 
 
 def resume_group(
-    checkpoints: Any, state: dict[str, Any], averager: Any, *, replica_group: str | int, seed: int | None = None, strict: bool = True
+    checkpoints: Any,
+    state: dict[str, Any],
+    averager: Any,
+    *,
+    replica_group: str | int,
+    seed: int | None = None,
+    strict: bool = True,
 ) -> Any:
     """:func:`elastic_hsgd.elastic.resume` for one replica group: load the newest durable checkpoint,
     then reseed every rank with ``replica_rank_seed(seed, step, replica_group, rank)`` (:mod:`.reseed`).
@@ -267,5 +273,6 @@ def resume_group(
 
     base_seed = torch.initial_seed() if seed is None else seed
     resumed = resume(checkpoints, state, averager, strict=strict, reseed=False)
-    reseed_replica_rank(base_seed, resumed.step, replica_group, _group_rank(), "resumed" if resumed.checkpoint is not None else "fresh start")
+    why = "fresh start" if resumed.checkpoint is None else "resumed"
+    reseed_replica_rank(base_seed, resumed.step, replica_group, _group_rank(), why)
     return resumed
