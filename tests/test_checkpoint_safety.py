@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from elastic_hsgd import CheckpointManager
 from elastic_hsgd.checkpoint import CheckpointError
 from elastic_hsgd.checkpoint.layout import COMMIT_NAME, step_dir_name
+from elastic_hsgd.checkpoint.verify import verify_step
 from tests.distributed import run_workers
 
 
@@ -62,7 +63,7 @@ def _foreign_local_worker(rank: int, world_size: int, root: str) -> dict:
         m = manager(cloud, local)
         for step in (5, 10, 15):
             m.maybe_save(step, _state(float(step)))
-        m.local.wait()
+            m.local.wait()  # committed before the next is due (a local save due while one runs is skipped)
         m.close()
 
     # Job A: cloud step 10, local steps 10 and 15; its own restart resumes local 15.
@@ -200,6 +201,7 @@ def test_a_failed_re_save_keeps_the_committed_step(tmp_path, failing):
     manager.save(5, _state(3.0))
     state = _state(0.0)
     assert CheckpointManager(url).load(5, state) == 5 and state["weights"][0].item() == 3.0
+    assert verify_step(manager.storage, manager.commit_record(5)) == []  # the CLI's verify reads the new files
     names = sorted(os.listdir(tmp_path / "ckpt" / step_dir_name(5)))
     assert COMMIT_NAME in names and len(names) == 2 and [n for n in names if n != COMMIT_NAME][0].startswith("rank_00000"), names
 
