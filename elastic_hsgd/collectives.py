@@ -94,6 +94,13 @@ class Peers:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def reduce_(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """Reduce ``tensor`` over the members in place; ``op`` is ``"sum"``, ``"min"`` or ``"max"``."""
+        if self.group is not None:
+            ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+            dist.all_reduce(tensor, op=ops[op], group=self.group)
+        return tensor
+
     def on_rank0(self, what: str, fn: Callable[[], T]) -> T:
         """``fn()`` run on rank 0 and shared; its failure raises on every rank at once."""
         value, error = None, None

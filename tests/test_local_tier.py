@@ -114,6 +114,7 @@ def _fallback_worker(rank: int, world_size: int, root: str) -> dict:
         with torch.no_grad():
             model.weight.add_(step + rank)
         assert manager.maybe_save(step, state) == (("cloud", "local") if step == 10 else ("local",))
+        manager.local.wait()  # back to back: a local save due while the previous one runs would be skipped
         saved[step] = model.weight.detach().clone()
     manager.local.wait()
     committed = manager.local_committed_step

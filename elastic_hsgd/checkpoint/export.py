@@ -26,8 +26,9 @@ bool tensors (e.g. BatchNorm's ``num_batches_tracked``) are not averaged: they
 must be equal in every replica, else export fails naming the tensor (export
 one replica with ``rank=`` instead).
 
-**Names.** ``_orig_mod.`` (``torch.compile``) is removed wherever it occurs,
-and ``module.`` (DDP) when every key starts with it.
+**Names.** :func:`~.names.plain_names`: ``_orig_mod.`` (``torch.compile``) is
+removed wherever it occurs, and ``module.`` (DDP) when every key starts with it.
+(The manager saves module state under these names already; older checkpoints may not.)
 
 **Layouts.** A :class:`ReplicaReader` gives the full tensor of one replica;
 :func:`export_model` only asks readers. Today each saved rank holds a whole
@@ -52,6 +53,7 @@ import torch
 
 from . import format as fileformat
 from .layout import CommitRecord
+from .names import plain_names as plain_names  # defined in .names; still importable from here
 from .rank_index import RankIndex, TensorSpec, rank_file, read_index, read_tensor
 from .storage import CheckpointError, Storage
 
@@ -75,23 +77,6 @@ def choose_model_entry(index: RankIndex, entry: str | None = None) -> str:
         return modules[0]
     why = "no entry is a module state dict" if not modules else f"several entries are module state dicts ({', '.join(modules)})"
     raise CheckpointError(f"{why}; the checkpoint holds: {described}. Choose one with --entry NAME.")
-
-
-def plain_names(keys: list[str]) -> dict[str, str]:
-    """Each saved key under the name an unwrapped model uses: no ``_orig_mod.``, no DDP ``module.`` prefix.
-
-    >>> plain_names(["module._orig_mod.fc.weight", "module.layers.0._orig_mod.w"])
-    {'module._orig_mod.fc.weight': 'fc.weight', 'module.layers.0._orig_mod.w': 'layers.0.w'}
-    """
-    names = {key: ".".join(part for part in key.split(".") if part != "_orig_mod") for key in keys}
-    while names and all(n.startswith("module.") for n in names.values()):
-        names = {key: n.removeprefix("module.") for key, n in names.items()}
-    seen: dict[str, str] = {}
-    for key, name in names.items():
-        if name in seen:
-            raise CheckpointError(f"saved keys {seen[name]!r} and {key!r} both become {name!r} without wrapper prefixes")
-        seen[name] = key
-    return names
 
 
 # -- layouts ----------------------------------------------------------------------

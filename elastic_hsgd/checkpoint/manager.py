@@ -26,6 +26,7 @@ from ..registry import is_step_keeper, step_keepers
 from .background import close_at_exit
 from .commit import Unusable
 from .layout import CommitRecord, small_summaries, step_dir_name
+from .merge import check_merge, policies
 from .replicas import mean_of_replicas
 from .state import capture, restore
 from .storage import CheckpointError, RetryPolicy, Storage
@@ -84,6 +85,14 @@ class CheckpointManager:
         local_every: local cadence of :meth:`maybe_save`; required with ``local_url``.
         local_keep: how many committed local checkpoints each node keeps.
         local_storage_options: fsspec options of ``local_url``.
+        local_size_limit: the most bytes a node's local folder may hold (e.g. its
+            ``emptyDir`` ``sizeLimit``); a local save that would go over it, or
+            over the folder's free space, is skipped with a WARNING.
+        merge: how an entry's saved replicas combine when the world size
+            changed, by entry name: ``"equal"``, ``"rank0"``, ``"min"``, ``"max"``
+            or ``"mean"`` (:mod:`.merge`; e.g. ``{"scaler": "min"}``). Default:
+            ``"equal"`` (floats averaged, the rest equal), except GradScaler and
+            ReduceLROnPlateau entries (:func:`~.merge.default_policy`).
         overwrite: let a run that has not loaded save over the location's
             committed steps (those newer than its first save are deleted).
         node: this process's node for the local tier's buddy placement; default
@@ -138,6 +147,8 @@ class CheckpointManager:
         local_every: int | None = None,
         local_keep: int = 2,
         local_storage_options: dict[str, Any] | None = None,
+        local_size_limit: int | None = None,
+        merge: Mapping[str, str] | None = None,
         overwrite: bool = False,
         node: int | None = None,
     ) -> None:
@@ -158,6 +169,7 @@ class CheckpointManager:
         self.keep = keep
         self.async_save = async_save
         self.include_rng = include_rng
+        self.merge = check_merge(merge)
         policy = RetryPolicy(retries=retries, base_delay_s=retry_backoff_s, deadline_s=retry_deadline_s)
         self.storage = Storage(url, storage_options, policy=policy)
         # A group of its own: async saves run collectives from a background
@@ -173,7 +185,8 @@ class CheckpointManager:
         self.local: LocalTier | None = None
         if local_url is not None:
             self.local = LocalTier(
-                local_url, keep=local_keep, storage_options=local_storage_options, timeout=timeout, node=node, run=self.cloud.run_stamp
+                local_url, keep=local_keep, storage_options=local_storage_options, timeout=timeout, node=node, run=self.cloud.run_stamp,
+                size_limit=local_size_limit,
             )
         # In saving order; loads ask the nearest (the last) first.
         self.tiers: tuple[Tier, ...] = (self.cloud,) if self.local is None else (self.cloud, self.local)
@@ -212,28 +225,35 @@ class CheckpointManager:
         The cloud tier (:meth:`save`) every ``every`` steps, and at ``final``;
         the local tier every ``local_every`` steps, after the cloud save so it
         never delays a cloud commit. Blocking is the cloud save's (see
-        ``async_save``) plus the local tier's staging copy. Returns the tiers
-        saved, e.g. ``("cloud", "local")``.
+        ``async_save``) plus the local tier's staging copy; a local save due
+        while the previous one still runs is skipped by every rank, never
+        waited for. Returns the tiers saved, e.g. ``("cloud", "local")``
+        ("local": staged, committed in the background unless a rank skipped it).
         """
         _check_label(step, state)
         saved: list[str] = []
+        if self.local is not None:
+            self.local.poll()  # a lost peer stops the worker at the first step after it is known
         if final or (self.every is not None and step % self.every == 0):
             self.save(step, state)
             saved.append("cloud")
-        if self.local_every is not None and step % self.local_every == 0:
-            self.save_local(step, state)
+        if self.local_every is not None and step % self.local_every == 0 and self._save_local(step, state, skip_if_busy=True):
             saved.append("local")
         return tuple(saved)
 
     def save_local(self, step: int, state: Mapping[str, Any]) -> None:
         """Save ``state`` to the local tier (and its buddy copy) as step ``step``. Collective.
 
-        Blocks only while the state is copied into a host buffer; see :mod:`.tiers.local`.
+        Waits for the previous local save, then blocks only while the state is
+        copied into a host buffer; see :mod:`.tiers.local`.
         """
+        self._save_local(step, state, skip_if_busy=False)
+
+    def _save_local(self, step: int, state: Mapping[str, Any], *, skip_if_busy: bool) -> bool:
         if self.local is None:
             raise ValueError("this CheckpointManager has no local tier: pass local_url= and local_every=.")
         payload = capture(state, include_rng=self.include_rng)
-        self.local.save(step, payload, small_summaries(payload, list(state)), {"entries": sorted(state)})
+        return self.local.save(step, payload, small_summaries(payload, list(state)), {"entries": sorted(state)}, skip_if_busy=skip_if_busy)
 
     @property
     def local_committed_step(self) -> int | None:
@@ -381,7 +401,8 @@ class CheckpointManager:
             self._peers.agree(error, what, soft=Unusable)
             restore(state, payload, restore_rng=True, strict=strict)
         else:
-            restore(state, mean_of_replicas(record, what, reader.fetch, self._peers), restore_rng=False, strict=strict)
+            merged = mean_of_replicas(record, what, reader.fetch, self._peers, policies(state, self.merge))
+            restore(state, merged, restore_rng=False, strict=strict, views=False)
         self.last_loaded = record
         self.last_source = reader.source
         for tier in self.tiers:

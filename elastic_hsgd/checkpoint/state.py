@@ -3,6 +3,24 @@
 The bytes are :mod:`.format`'s (safetensors with the tree as JSON), so a
 checkpoint can hold data only, never code. Files of version 0.1 (``.ehsgd``,
 :mod:`.tensorfile`) are still read.
+
+:func:`restore` leaves the objects the training loop holds in place: objects
+with ``load_state_dict`` load into themselves, modules under their own key
+names (:mod:`.names`: compiled or DDP-wrapped or not), and plain dicts, lists
+and tensors are updated in place (:func:`update_in_place`). Decoded tensors
+view the buffer the file was read into, so whatever a loaded object keeps
+(an optimizer keeps the tensors it is handed) is copied first: the buffer
+is freed once the load returns.
+
+Example::
+
+    >>> import torch
+    >>> held = {"epoch": 0, "seen": torch.zeros(2)}
+    >>> seen = held["seen"]
+    >>> state = {"data": held}
+    >>> restore(state, {"data": {"epoch": 3, "seen": torch.ones(2)}}, restore_rng=False)
+    >>> state["data"] is held, held["epoch"], held["seen"] is seen, seen.tolist()
+    (True, 3, True, [1.0, 1.0])
 """
 
 from __future__ import annotations
@@ -16,6 +34,7 @@ import torch
 
 from . import format as fileformat
 from . import tensorfile
+from .names import for_module, plain_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +110,10 @@ def capture(
         raise ValueError(f"state key {RNG_KEY!r} is reserved for the RNG state; rename that entry.")
     payload: dict[str, Any] = {}
     for name, obj in state.items():
-        payload[name] = obj.state_dict() if _has_state_dict(obj) else obj
+        value = obj.state_dict() if _has_state_dict(obj) else obj
+        if isinstance(obj, torch.nn.Module):  # plain names: loads compiled, DDP-wrapped or not (.names)
+            value = plain_state_dict(value)
+        payload[name] = value
     if include_rng:
         payload[RNG_KEY] = rng_state()
     if not stage:
@@ -121,14 +143,69 @@ def deserialize(data: bytearray | memoryview) -> dict[str, Any]:
     return payload
 
 
-def restore(state: MutableMapping[str, Any], payload: Mapping[str, Any], *, restore_rng: bool, strict: bool = True) -> None:
-    """Load ``payload`` into ``state``: ``load_state_dict`` where the entry has one,
-    otherwise the saved plain value replaces the entry in the mapping.
+def owned(value: Any) -> Any:
+    """``value`` with every tensor copied into memory of its own (dicts, lists and tuples rebuilt)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [owned(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def update_in_place(target: Any, loaded: Any) -> Any:
+    """``loaded``, written into ``target`` where the two agree; returns what the entry holds afterwards.
+
+    A dict keeps its identity and ends with exactly ``loaded``'s keys, each
+    value updated in turn; a list of the same length is updated item by item
+    (another length: its items are replaced); a tensor of the same shape and
+    dtype takes the values (``copy_``, also onto another device). Anything
+    else, and a tuple (immutable), is replaced by (a copy of) ``loaded``.
+    """
+    if isinstance(target, torch.Tensor) and isinstance(loaded, torch.Tensor):
+        if target.shape == loaded.shape and target.dtype == loaded.dtype:
+            with torch.no_grad():
+                target.copy_(loaded)
+            return target
+        return loaded.clone()
+    if isinstance(target, dict) and isinstance(loaded, dict):
+        for key in [k for k in target if k not in loaded]:
+            del target[key]
+        for key, value in loaded.items():
+            target[key] = update_in_place(target[key], value) if key in target else owned(value)
+        if list(target) != list(loaded):  # the saved order
+            for key in loaded:
+                target[key] = target.pop(key)
+        return target
+    if isinstance(target, list) and isinstance(loaded, list):
+        if len(target) == len(loaded):
+            for index, value in enumerate(loaded):
+                target[index] = update_in_place(target[index], value)
+        else:
+            target[:] = owned(loaded)
+        return target
+    if isinstance(target, tuple) and isinstance(loaded, tuple) and len(target) == len(loaded):
+        items = tuple(update_in_place(t, v) for t, v in zip(target, loaded))
+        return target if all(a is b for a, b in zip(items, target)) else items
+    return owned(loaded)
+
+
+def restore(
+    state: MutableMapping[str, Any], payload: Mapping[str, Any], *, restore_rng: bool, strict: bool = True, views: bool = True
+) -> None:
+    """Load ``payload`` into ``state``: ``load_state_dict`` where the entry has one
+    (a module's under its own key names), otherwise :func:`update_in_place`.
 
     Both directions are checked before anything is loaded: an entry of ``state``
     the checkpoint lacks is an error, and so (unless ``strict=False``) is an
     entry the checkpoint holds that ``state`` lacks, since silently dropping,
     e.g., the averager would restart its step and repeat warmup.
+
+    ``views``: the payload's tensors may view a read buffer (a decoded file),
+    so what an object may keep is copied first (modules copy into their own
+    tensors). ``False`` when the caller built them (the mean of replicas).
     """
     saved = sorted(k for k in payload if k != RNG_KEY)
     missing = [name for name in state if name not in payload]
@@ -141,11 +218,14 @@ def restore(state: MutableMapping[str, Any], payload: Mapping[str, Any], *, rest
             "be silently dropped: add them to `state` (e.g. build the averager before loading), or pass "
             "strict=False to load only the entries `state` has."
         )
+    keep = owned if views else (lambda value: value)
     for name in list(state):
-        obj = state[name]
-        if _has_state_dict(obj):
-            obj.load_state_dict(payload[name])
+        obj, value = state[name], payload[name]
+        if not _has_state_dict(obj):
+            state[name] = update_in_place(obj, value)
+        elif isinstance(obj, torch.nn.Module) and isinstance(value, Mapping):
+            obj.load_state_dict(for_module(obj, value))  # copied into its own tensors
         else:
-            state[name] = payload[name]
+            obj.load_state_dict(keep(value))
     if restore_rng and RNG_KEY in payload:
         set_rng_state(payload[RNG_KEY])

@@ -17,13 +17,20 @@ once it is complete everywhere.
 
 Saving blocks only for the staging copy (the encoded state into a reused host
 buffer); writing, the transfer to the buddy (gloo send/recv on the tier's own
-group) and the commit run in a background thread.
+group) and the commit run in a background thread. Training never waits for
+that thread: a save due (``maybe_save``) while the previous one still runs is
+skipped by every rank, and so is a save that would not fit a node's folder
+(its free space, ``size_limit``); :mod:`.local_gate` agrees on both in the
+save thread. Skips are counted (:attr:`LocalTier.skipped`) and logged: DEBUG
+each, an INFO summary every 50 and at close, a WARNING for the first that
+lacked space.
 
 Two kinds of failed save. A storage failure (a write, a checksum) is agreed by
 every rank over the tier's group, which stays usable: it is logged and training
 goes on (the cloud tier is unaffected). A failed collective (a peer died or
 timed out) leaves the group unusable and the world short of a member: the next
-save, :meth:`LocalTier.wait` or load raises :class:`PeerLost`, so the worker
+save (or :meth:`LocalTier.poll`, every ``maybe_save``), :meth:`LocalTier.wait`
+or load raises :class:`PeerLost`, so the worker
 exits and torchelastic restarts the world, which resumes from the newest step
 committed everywhere (the interrupted one never is).
 
@@ -47,6 +54,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -61,6 +69,7 @@ from ..run_identity import RunStamp, foreign_reason
 from ..state import serialize
 from ..storage import CheckpointError, Storage
 from . import StepReader
+from .local_gate import free_bytes, held_bytes, verdict
 from .local_load import BUDDY_DIR, execute_plan, node_holdings
 from .transfer import exchange_with_buddy
 
@@ -133,9 +142,13 @@ class LocalTier:
         timeout: timedelta = timedelta(minutes=10),
         node: int | None = None,
         run: Callable[[], RunStamp] | None = None,
+        size_limit: int | None = None,
     ) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"local_keep={keep!r} must be an int >= 1 (how many local checkpoints to keep).")
+        if size_limit is not None and (isinstance(size_limit, bool) or not isinstance(size_limit, int) or size_limit < 1):
+            raise ValueError(f"local_size_limit={size_limit!r} must be None or an int >= 1: the most bytes a node's local folder may hold.")
+        self.size_limit = size_limit
         self.url = url
         self.keep = keep
         self.storage = Storage(url, storage_options)
@@ -162,6 +175,10 @@ class LocalTier:
         self.committed_step: int | None = None  # newest step this process saw committed everywhere
         self._saver = BackgroundSaver("elastic-hsgd-local-ckpt")
         self._blob = bytearray()  # the staging buffer, reused while the state's size is unchanged
+        self._staged = False  # a queued or running save holds _blob
+        self._broken: BaseException | None = None  # a save thread's collective that failed: later saves skip the group
+        self._due = 0  # saves asked for
+        self._skips: Counter[str] = Counter()  # agreed skips, by kind ("busy", "space")
         self._survey: list[dict[int, StepHolding]] = []  # every rank's holdings, as of the last held_steps()
         self._closed = False
         # Its gloo group must be gone before the interpreter finalizes, manager or not
@@ -191,20 +208,36 @@ class LocalTier:
 
     # -- saving ----------------------------------------------------------------
 
-    def save(self, step: int, payload: dict[str, Any], entries: dict | None, extra: dict | None) -> None:
+    @property
+    def skipped(self) -> int:
+        """How many saves every rank skipped (the previous save still running, or no space)."""
+        return sum(self._skips.values())
+
+    def save(self, step: int, payload: dict[str, Any], entries: dict | None, extra: dict | None, *, skip_if_busy: bool = False) -> bool:
         """Stage ``payload`` (the only blocking part) and write, copy and commit it in the background.
 
         ``payload`` may reference live tensors: it is encoded into the staging
-        buffer before this returns. Waits for the previous local save first (all
-        ranks do, so their background collectives stay in step).
+        buffer before this returns. With ``skip_if_busy`` (``maybe_save``) a
+        save due while this rank's previous one still runs is not staged and
+        returns ``False``: it is queued empty, and every rank skips it (see
+        :mod:`.local_gate`). Without it, waits for the previous saves first.
+        Either way, whether the step commits is agreed in the save thread.
         """
         step_dir_name(step)
         if self._closed:
             raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
-        self.wait()
+        if skip_if_busy:
+            self.poll()
+        else:
+            self.wait()
         self._raise_if_lost()
         if self._run is not None:  # foreground: the stamp may need a collective of the cloud tier
             extra = {**(extra or {}), "run": self._run().to_json()}
+        self._due += 1
+        if self._staged:
+            logger.debug("local checkpoint of step %d not staged on rank %d: the previous local save is still running", step, self.rank)
+            self._saver.submit(step, self._agree_and_save, step, None, entries, extra, queue=True)
+            return False
         chunks = [memoryview(c).cast("B") for c in serialize(payload)]
         size = sum(c.nbytes for c in chunks)
         if len(self._blob) != size:
@@ -214,10 +247,58 @@ class LocalTier:
             view[offset : offset + chunk.nbytes] = chunk
             offset += chunk.nbytes
         del chunks, view
-        self._saver.submit(step, self._write_copy_commit, step, self._blob, entries, extra)
+        self._staged = True
+        self._saver.submit(step, self._agree_and_save, step, self._blob, entries, extra, queue=True)
+        return True
+
+    def poll(self) -> None:
+        """Without blocking: log the saves that failed on storage since the last call, and raise
+        :class:`PeerLost` if one's collective failed (a peer is gone)."""
+        self._saver.poll(self._save_failed)
+
+    def _agree_and_save(self, step: int, blob: bytearray | None, entries: dict | None, extra: dict | None) -> None:
+        """The save thread's part: agree with every rank whether ``step`` goes ahead, then write it."""
+        try:
+            if self._broken is not None:
+                raise RuntimeError(f"not attempted: an earlier save's collective failed ({self._broken!r})")
+            lead = self.node_lead
+            space = (free_bytes(self.storage), held_bytes(self.storage) if self.size_limit is not None else None) if lead else (None, None)
+            found = verdict(self._all_gather((step, None if blob is None else len(blob), *space)), self.nodes, self.buddies, self.size_limit)
+            if found is None:
+                self._write_copy_commit(step, blob, entries, extra)
+            elif found[0] == "mismatch":
+                raise CheckpointError(f"local checkpoint of step {step} not saved: {found[1]}")
+            else:
+                self._skip(step, *found)
+        except Exception as exc:
+            if not isinstance(exc, CheckpointError):
+                self._broken = self._broken or exc
+            raise
+        finally:
+            if blob is not None:
+                self._staged = False
+
+    def _skip(self, step: int, kind: str, why: str) -> None:
+        self._skips[kind] += 1
+        if kind == "space" and self._skips[kind] == 1 and self.rank == 0:
+            logger.warning(
+                "local checkpoint of step %d skipped: %s. While a step is written a node folder holds up to local_keep + 1 "
+                "steps: free space, raise local_size_limit (and the emptyDir sizeLimit), or lower local_keep. Later "
+                "skips for space are logged at DEBUG.", step, why,
+            )
+            return
+        logger.debug("local checkpoint of step %d skipped: %s", step, why)
+        if kind == "busy" and self._skips[kind] % 50 == 0:
+            self._log_skips()
+
+    def _log_skips(self) -> None:
+        if self.rank == 0 and self._skips:
+            why = {"busy": "while the previous one still ran: a save took longer than local_every steps", "space": "for lack of space"}
+            reasons = "; ".join(f"{n} {why[kind]}" for kind, n in self._skips.items())
+            logger.info("local checkpoint tier at %s: skipped %d of %d due local saves (%s)", self.url, self.skipped, self._due, reasons)
 
     def wait(self) -> None:
-        """Block until the pending local save finished.
+        """Block until the pending local saves finished.
 
         A save every rank agreed failed (storage) is logged, not raised: the
         local tier only shortens recovery, and the cloud tier is unaffected. A
@@ -228,6 +309,8 @@ class LocalTier:
         self._saver.wait(self._save_failed)
 
     def _save_failed(self, step: int, exc: Exception) -> None:
+        if isinstance(exc, PeerLost):  # queued behind the save whose collective failed
+            raise exc
         if isinstance(exc, CheckpointError):
             logger.warning("local checkpoint of step %d at %s failed (the cloud tier is unaffected): %s", step, self.url, exc)
             return
@@ -257,6 +340,7 @@ class LocalTier:
         finally:
             self._saver.close()
             self._peers.release()
+            self._log_skips()
 
     def _write_copy_commit(self, step: int, blob: bytearray, entries: dict | None, extra: dict | None) -> None:
         started = time.perf_counter()
