@@ -375,3 +375,17 @@ def test_a_save_label_other_than_the_averager_step_is_refused(single_process_gro
     assert manager.steps() == []
     manager.save(3, state)
     assert manager.maybe_save(3, state) == ("cloud",) and manager.steps() == [3]
+
+
+def test_exclusive_create_lets_one_writer_win_on_every_kind_of_storage(checkpoint_url):
+    from elastic_hsgd.checkpoint.run_identity import ensure_run_id
+    from elastic_hsgd.checkpoint.storage import Storage
+
+    url, options = checkpoint_url
+    storage = Storage(url, options)
+    path = storage.path("claims", "first")
+    assert storage.create(path, b"mine") is True
+    assert storage.create(path, b"theirs") is False
+    assert storage.read_file(path) == b"mine"
+    run_id = ensure_run_id(storage)
+    assert ensure_run_id(Storage(url, options)) == run_id and len(run_id) == 32
