@@ -32,6 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostL
 
 from .averager import HierarchicalModelAverager
 from .checkpoint import CheckpointManager
+from .checkpoint.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def next_generation(manager: CheckpointManager) -> int:
     return value
 
 
-def _claim_generation(storage: Any) -> int:
+def _claim_generation(storage: Storage) -> int:
     """Rank 0: create the first free ``GENERATIONS/generation_<n>`` above every claim, exclusively; return n."""
     folder = storage.path(GENERATIONS_DIR)
     claimed = [int(name.rsplit("_", 1)[1]) for name in storage.list_names(folder) if re.fullmatch(r"generation_\d{12}", name)]
