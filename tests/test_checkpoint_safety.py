@@ -195,6 +195,7 @@ def test_a_failed_re_save_keeps_the_committed_step(tmp_path, failing):
             manager.save(5, _state(2.0))
     finally:
         _FailingWrites.fail_matching = ""
+    assert sorted(os.listdir(tmp_path / "ckpt" / step_dir_name(5))) == [COMMIT_NAME, "rank_00000.safetensors"]  # the attempt's are gone
     state = _state(0.0)
     assert CheckpointManager(url).load_latest(state) == 5 and state["weights"][0].item() == 1.0
     # A re-save that works replaces it, and leaves only the new files.

@@ -48,7 +48,7 @@ from ..commit import (
     Unusable, apply_retention, decode, mark_abandoned, parse_commit_record, read_verified, remove_step, remove_unreferenced,
     unmark_abandoned, write_commit_record,
 )
-from ..layout import ABANDONED_NAME, COMMIT_NAME, CommitRecord, FileEntry, rank_file_name, step_dir_name
+from ..layout import ABANDONED_NAME, COMMIT_NAME, CommitRecord, FileEntry, rank_file_name, rank_file_tag, step_dir_name
 from ..run_identity import RunStamp, ensure_run_id
 from ..state import copy_to_cpu, serialize
 from ..storage import CheckpointError, Storage
@@ -155,6 +155,16 @@ class CloudTier:
             remove_step(self.storage, step)
         return None
 
+    def _remove_attempt(self, step: int, tag: str) -> None:
+        """Rank 0, after a failed re-save: delete the files it wrote beside the committed version (best effort)."""
+        step_dir = self.storage.path(step_dir_name(step))
+        try:
+            for name in self.storage.list_names(step_dir):
+                if rank_file_tag(name) == tag:
+                    self.storage.rm_file(f"{step_dir}/{name}")
+        except Exception as exc:  # noqa: BLE001 - the committed version is intact either way
+            logger.warning("could not delete the files of the failed re-save of step %d at %s: %r", step, step_dir, exc)
+
     def _write_and_commit(self, step: int, payload: dict[str, Any], entries: dict[str, Any] | None, extra: dict[str, Any] | None) -> None:
         started = time.perf_counter()
         step_dir = self.storage.path(step_dir_name(step))
@@ -169,12 +179,19 @@ class CloudTier:
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
             written, error = None, describe(exc)
         outcomes = self._peers.gather((written, error))
+        if tag is not None and self._peers.rank == 0 and any(e for _, e in outcomes):
+            self._remove_attempt(step, tag)
         self._peers.raise_if_any([e for _, e in outcomes], f"writing checkpoint of step {step} (the previous checkpoint is intact)")
 
         def commit() -> None:
             files = tuple(FileEntry(*w) for w, _ in outcomes)
             record = CommitRecord(step=step, world_size=self._peers.world_size, files=files, unix_time=time.time(), entries=entries, extra=extra)
-            write_commit_record(self.storage, record)
+            try:
+                write_commit_record(self.storage, record)
+            except Exception:
+                if tag is not None:
+                    self._remove_attempt(step, tag)
+                raise
             if tag is not None:
                 try:
                     remove_unreferenced(self.storage, record)
