@@ -35,6 +35,7 @@ import torch
 from . import format as fileformat
 from . import tensorfile
 from .names import for_module, plain_state_dict
+from .dtensor_state import Fill, into_live, to_records
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def capture(
         value = obj.state_dict() if _has_state_dict(obj) else obj
         if isinstance(obj, torch.nn.Module):  # plain names: loads compiled, DDP-wrapped or not (.names)
             value = plain_state_dict(value)
-        payload[name] = value
+        payload[name] = to_records(value)  # DTensors: local shard + layout
     if include_rng:
         payload[RNG_KEY] = rng_state()
     if not stage:
@@ -193,7 +194,13 @@ def update_in_place(target: Any, loaded: Any) -> Any:
 
 
 def restore(
-    state: MutableMapping[str, Any], payload: Mapping[str, Any], *, restore_rng: bool, strict: bool = True, views: bool = True
+    state: MutableMapping[str, Any],
+    payload: Mapping[str, Any],
+    *,
+    restore_rng: bool,
+    strict: bool = True,
+    views: bool = True,
+    fill: Fill | None = None,
 ) -> None:
     """Load ``payload`` into ``state``: ``load_state_dict`` where the entry has one
     (a module's under its own key names), otherwise :func:`update_in_place`.
@@ -206,6 +213,9 @@ def restore(
     ``views``: the payload's tensors may view a read buffer (a decoded file),
     so what an object may keep is copied first (modules copy into their own
     tensors). ``False`` when the caller built them (the mean of replicas).
+
+    Sharded entries load into the live DTensors' local tensors (:mod:`.dtensor_state`):
+    by default each rank's own saved shard, else what ``fill`` writes (a reshard).
     """
     saved = sorted(k for k in payload if k != RNG_KEY)
     missing = [name for name in state if name not in payload]
@@ -221,10 +231,13 @@ def restore(
     keep = owned if views else (lambda value: value)
     for name in list(state):
         obj, value = state[name], payload[name]
+        if isinstance(obj, torch.nn.Module) and isinstance(value, Mapping):
+            value = for_module(obj, value)
+        value = into_live(obj, value, name, fill)  # DTensors: written into the live local shards
         if not _has_state_dict(obj):
             state[name] = update_in_place(obj, value)
         elif isinstance(obj, torch.nn.Module) and isinstance(value, Mapping):
-            obj.load_state_dict(for_module(obj, value))  # copied into its own tensors
+            obj.load_state_dict(value)  # under its own names (above); copied into its own tensors
         else:
             obj.load_state_dict(keep(value))
     if restore_rng and RNG_KEY in payload:

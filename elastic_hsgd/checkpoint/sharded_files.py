@@ -1,0 +1,143 @@
+"""Saved rank files as a sharded loader reads them: a header, then byte ranges.
+
+Two sources give the same three things (:class:`SavedFiles`): a rank file's
+index (tree and tensor table, :mod:`.rank_index`), bytes of it by range, and
+the whole verified payload for an exact resume.
+
+- :class:`RangedFiles` reads a step at a storage URL by byte range: the
+  headers, then only the ranges a rank needs. A whole-file checksum cannot be
+  checked from ranges, so :meth:`RangedFiles.verify` streams one file through
+  CRC-32 (each new rank verifies its share of the saved files, as a resume
+  at another world size always did).
+- :class:`FetchedFiles` serves any tier's :class:`~.tiers.StepReader`: each
+  saved rank's payload is fetched (verified) once and kept, and its index and
+  ranges are those of the file it would encode to.
+
+Example::
+
+    >>> # xdoctest: +SKIP("needs a checkpoint")
+    >>> files = RangedFiles(storage, reader)
+    >>> index = files.index(1)                              # the header only
+    >>> files.read(1, index.tensors["model/0.weight/local"].start, 20)
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import zlib
+from typing import Any, Protocol
+
+from . import format as fileformat
+from .commit import Unusable
+from .layout import CommitRecord
+from .rank_index import RankIndex, TensorSpec, rank_file, read_index, read_range
+from .storage import READ_CHUNK_BYTES, CheckpointError, Storage
+
+
+class SavedFiles(Protocol):
+    record: CommitRecord
+    bytes_read: int  # tensor bytes read by range so far (for measurements)
+
+    def index(self, saved_rank: int) -> RankIndex:
+        """The saved rank's tree and tensor table."""
+
+    def read(self, saved_rank: int, start: int, nbytes: int) -> bytes | memoryview:
+        """Bytes ``[start, start + nbytes)`` of the saved rank's file."""
+
+    def verify(self, saved_rank: int) -> None:
+        """Raise :class:`~.commit.Unusable` unless the saved rank's file matches its commit record."""
+
+    def fetch(self, saved_rank: int) -> dict[str, Any]:
+        """The saved rank's whole payload, decoded and verified."""
+
+
+class RangedFiles:
+    """A step's rank files at ``storage``, read header first and then by byte range."""
+
+    def __init__(self, storage: Storage, reader: Any) -> None:
+        self.storage = storage
+        self.record: CommitRecord = reader.record
+        self.fetch = reader.fetch
+        self.bytes_read = 0
+        self._indexes: dict[int, tuple[str, RankIndex]] = {}
+
+    def _file(self, saved_rank: int) -> tuple[str, RankIndex]:
+        if saved_rank not in self._indexes:
+            try:  # a missing file, a size other than recorded, a header that does not parse: fall back past it
+                path, size = rank_file(self.storage, self.record, saved_rank)
+                self._indexes[saved_rank] = (path, read_index(self.storage, path, size, self.record.format))
+            except (ValueError, CheckpointError) as exc:
+                raise Unusable(str(exc)) from None
+        return self._indexes[saved_rank]
+
+    def index(self, saved_rank: int) -> RankIndex:
+        return self._file(saved_rank)[1]
+
+    def read(self, saved_rank: int, start: int, nbytes: int) -> bytes:
+        self.bytes_read += nbytes
+        return read_range(self.storage, self._file(saved_rank)[0], start, nbytes)
+
+    def verify(self, saved_rank: int) -> None:
+        """Stream the file through CRC-32 (one chunk in memory) and compare with the commit record."""
+        entry = self.record.file_for_rank(saved_rank)
+        path, _ = self._file(saved_rank)
+
+        def checksum() -> tuple[str, int]:
+            crc, seen = 0, 0
+            with self.storage.fs.open(path, "rb") as f:
+                while chunk := f.read(READ_CHUNK_BYTES):
+                    crc, seen = zlib.crc32(chunk, crc), seen + len(chunk)
+            return f"crc32:{crc:08x}", seen
+
+        crc, seen = self.storage.policy.call(f"verifying {self.storage.fs.unstrip_protocol(path)}", checksum)
+        if seen != entry.bytes:
+            raise Unusable(f"{entry.name} is {seen} bytes, its commit record says {entry.bytes}")
+        if crc != entry.checksum:
+            raise Unusable(f"{entry.name} is corrupt: its checksum differs from the commit record")
+
+
+class FetchedFiles:
+    """A step any tier can fetch, file by file: each payload fetched once and served by range from memory."""
+
+    def __init__(self, reader: Any) -> None:
+        self.record: CommitRecord = reader.record
+        self._fetch = reader.fetch
+        self.bytes_read = 0
+        self._files: dict[int, tuple[RankIndex, list[int], list[Any]]] = {}
+
+    def fetch(self, saved_rank: int) -> dict[str, Any]:
+        return self._fetch(saved_rank)
+
+    def _file(self, saved_rank: int) -> tuple[RankIndex, list[int], list[Any]]:
+        if saved_rank not in self._files:
+            chunks = fileformat.encode(self._fetch(saved_rank))  # views of the fetched tensors: no copy
+            header, data_start = fileformat.read_header(chunks[0])
+            tensors = {}
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    tensors[name] = TensorSpec(fileformat.TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, end - begin)
+            starts, position = [], 0
+            for chunk in chunks:
+                starts.append(position)
+                position += memoryview(chunk).nbytes
+            tree = json.loads(header["__metadata__"]["tree"])
+            self._files[saved_rank] = (RankIndex(tree, tensors), starts, chunks)
+        return self._files[saved_rank]
+
+    def index(self, saved_rank: int) -> RankIndex:
+        return self._file(saved_rank)[0]
+
+    def read(self, saved_rank: int, start: int, nbytes: int) -> memoryview:
+        _, starts, chunks = self._file(saved_rank)
+        i = bisect.bisect_right(starts, start) - 1
+        view = memoryview(chunks[i]).cast("B")
+        begin = start - starts[i]
+        if begin + nbytes > view.nbytes:
+            raise Unusable(f"saved rank {saved_rank}: range [{start}, {start + nbytes}) crosses a tensor boundary")
+        self.bytes_read += nbytes
+        return view[begin : begin + nbytes]
+
+    def verify(self, saved_rank: int) -> None:
+        """Nothing to do: the tier verified each payload it fetched."""
