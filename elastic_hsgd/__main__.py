@@ -12,7 +12,8 @@
 
 Every command takes ``--storage-options JSON`` (fsspec options, e.g. an
 ``endpoint_url``). ``ls`` reads commit records only; ``inspect`` also reads
-rank 0's header; ``export`` reads one tensor at a time
+rank 0's header (for sharded state: each tensor's global shape, mesh and
+placements); ``export`` reads one tensor at a time
 (:mod:`elastic_hsgd.checkpoint.export`). Every failure is one line on stderr
 beginning with ``error:``, and the exit status is 1 (2 for bad arguments).
 """
@@ -28,6 +29,7 @@ from typing import Any
 from .checkpoint.export import export_model
 from .checkpoint.layout import CommitRecord, parse_step_dir, step_dir_name
 from .checkpoint.rank_index import rank_file, read_index
+from .checkpoint.sharded_export import describe_layouts
 from .checkpoint.storage import CheckpointError, Storage
 from .checkpoint.verify import verify_step
 
@@ -146,6 +148,8 @@ def _summary(storage: Storage, record: CommitRecord) -> dict[str, Any]:
         for name, node in index.entries().items():
             refs = index.refs(node)
             counts[name] = {"tensors": len(refs), "bytes": sum(index.tensors[r].nbytes for r in refs)} if refs else {}
+        for name, layout in describe_layouts(index).items():  # DTensor state: global shapes, mesh and placements
+            counts.setdefault(name, {}).update(layout)
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"warning: tensor counts left out: {exc}", file=sys.stderr)
     summaries = record.entries or {}

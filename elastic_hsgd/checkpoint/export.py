@@ -31,9 +31,10 @@ removed wherever it occurs, and ``module.`` (DDP) when every key starts with it.
 (The manager saves module state under these names already; older checkpoints may not.)
 
 **Layouts.** A :class:`ReplicaReader` gives the full tensor of one replica;
-:func:`export_model` only asks readers. Today each saved rank holds a whole
-replica (:class:`UnshardedReader`). Sharded checkpoints add one reader that
-assembles a replica's tensor from its ranks' slices, chosen in :func:`open_reader`.
+:func:`export_model` only asks readers. Each saved rank holds a whole replica
+(:class:`UnshardedReader`), or, for DTensor state, a replica's tensor is
+assembled from its ranks' boxes (:class:`~.sharded_export.ShardedReader`),
+chosen in :func:`open_reader`.
 
 Export checks file sizes against the commit record but reads only byte
 ranges, so it cannot check whole-file checksums: run ``verify`` for that.
@@ -55,6 +56,7 @@ from . import format as fileformat
 from .layout import CommitRecord
 from .names import plain_names as plain_names  # defined in .names; still importable from here
 from .rank_index import RankIndex, TensorSpec, rank_file, read_index, read_tensor
+from .sharded_export import ShardedReader
 from .storage import CheckpointError, Storage
 
 
@@ -135,11 +137,14 @@ def _check_same(a: dict[str, TensorSpec], b: dict[str, TensorSpec], rank_a: int,
 def open_reader(storage: Storage, record: CommitRecord, *, rank: int | None = None, entry: str | None = None) -> ReplicaReader:
     """The reader for this checkpoint's layout: every replica, or only the one ``rank`` saved.
 
-    Today's layout only; a sharded layout (recognised from its rank files'
-    layout metadata) gets its reader here, and nothing else changes.
+    A checkpoint of DTensor state (recognised from saved rank 0's layout
+    records) gets :class:`~.sharded_export.ShardedReader`; nothing else changes.
     """
     if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank < record.world_size):
         raise CheckpointError(f"rank {rank!r} is not a saved rank of step {record.step}: its ranks are 0..{record.world_size - 1}")
+    sharded = ShardedReader.open(storage, record, rank=rank, entry=entry)
+    if sharded is not None:
+        return sharded
     return UnshardedReader(storage, record, [rank] if rank is not None else list(range(record.world_size)), entry)
 
 
