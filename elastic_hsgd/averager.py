@@ -22,9 +22,11 @@ import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
 
 from . import averager_state, ddp_hook_check, outer, topology
+from .local_shards import is_dtensor
+from .shard_groups import SliceGroups
 from .averager_state import STATE_FORMAT  # noqa: F401 - importable from here, as it always was
 from .flat_params import AveragingInputs, FlatParameterBuffers
-from .hierarchy import REPLICAS, GroupSizeSpec, Level, check_replicas_level, level_for_step, normalize_config, repeated_group_sizes
+from .hierarchy import GroupSizeSpec, Level, check_replicas_level, level_for_step, normalize_config
 from .levels.anchored import AnchoredLevels
 from .levels.anchors import AnchoredLevel
 from .levels.base import flat_buffers_needed
@@ -200,6 +202,9 @@ class HierarchicalModelAverager(ModelAverager):
         self._inputs = AveragingInputs()
         self._inputs_checked = False
         self._ddp_checked = False  # whether the first averaging step after warmup looked for a DDP without the hook
+        self._slices = SliceGroups()  # the groups of DTensor parameters, made when first seen
+        self._sharded = False  # whether the parameters of the current call are DTensors
+        self._saved_layout: str | None = None  # a loaded state's shard layout, checked once the parameters are seen
         self.levels: tuple[Level, ...] = ()
         self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
@@ -225,6 +230,7 @@ class HierarchicalModelAverager(ModelAverager):
         (no rank hangs) if the hierarchy no longer fits the world.
         """
         topology.release(self._owned_groups)
+        self._slices.stale()  # DTensor parameters: their groups are made again at the next call
         # Lower levels' groups change with the membership: re-agree on anchors at the next call.
         self._anchors.membership_changed()
         overall = process_group if process_group is not None else dist.group.WORLD
@@ -236,34 +242,14 @@ class HierarchicalModelAverager(ModelAverager):
         self.levels = levels
         self._periods = tuple(lv.period for lv in levels)
         self.period_process_group_dict = topology.new_level_groups(levels, overall, self._owned_groups)
-        self._log_hierarchy(local_world_size)
-
-    def _log_hierarchy(self, local_world_size: int | None) -> None:
-        world_size = dist.get_world_size(self.process_group)
-        spec = dict(self._config)
-        if dist.get_rank(self.process_group) == 0:
-            for lower, upper in repeated_group_sizes(self.levels):
-                if spec[upper.period] == REPLICAS:
-                    continue  # spans every replica group, beyond this group
-                logger.warning(
-                    "levels %s (period %d) and %s (period %d) both resolve to groups of %d with world size %d "
-                    "(local world size %s): the lower level averages the same group as the upper one, just more "
-                    "often. On one node 'local' is the whole world; use an int group size or run on more nodes.",
-                    spec[lower.period], lower.period, spec[upper.period], upper.period,
-                    lower.group_size, world_size, local_world_size,
-                )
-        logger.info(
-            "averaging hierarchy for world size %d: %s (warmup %d steps)",
-            world_size,
-            ", ".join(f"groups of {lv.group_size} every {lv.period} steps" for lv in self.levels),
-            self.warmup_steps,
-        )
+        topology.log_hierarchy(self._config, levels, overall, local_world_size, self.warmup_steps, logger)
 
     def release_groups(self) -> None:
         """Destroy the subgroups this averager made and forget its groups; it
         cannot average afterwards (call :meth:`rebuild` to use it again).
         Done at interpreter exit so gloo's threads are joined in time."""
         topology.release(self._owned_groups)
+        self._slices.release()
         self.period_process_group_dict = OrderedDict()
         self.levels, self._periods = (), ()
 
@@ -274,32 +260,53 @@ class HierarchicalModelAverager(ModelAverager):
         has one now (``zero_grad(set_to_none=True)`` right after ``step()`` is fine).
         """
         index = level_for_step(self.step, self.warmup_steps, self._periods)
-        start_anchors = self._anchors.wants_start(self.step >= self.warmup_steps)
-        if index is not None or start_anchors or not self._inputs_checked:
+        warm = self.step >= self.warmup_steps
+        if index is not None or self._anchors.wants_start(warm) or not self._inputs_checked:
             # Checked at the first call even during warmup, so a wrong input fails early.
-            flat, by_copy = self._inputs.split(params)
-            self._inputs_checked = True
+            flat, by_copy = self._split(params)
             if by_copy and self._anchors.levels:
                 raise flat_buffers_needed(by_copy)
-            if start_anchors:
-                self._anchors.start(flat, self.process_group)
+            if self._anchors.wants_start(warm):
+                self._anchors.start(flat, self.process_group, self._group(self._periods[-1]))
             if index is not None and not self._ddp_checked:
                 self._ddp_checked = True
-                ddp_hook_check.warn_if_ddp_without_hook(flat + by_copy, self.warmup_steps)
+                if not self._sharded:
+                    ddp_hook_check.warn_if_ddp_without_hook(flat + by_copy, self.warmup_steps)
             if index is not None and self.top_level is not None and index == len(self.levels) - 1:
                 # Step first: a group that heals during this sync adopts this
                 # rank's state, which must already say where training resumes.
                 self.step += 1
-                group = self.period_process_group_dict[self.levels[index].period]
-                self._replicas.sync(flat, by_copy, group)
+                self._replicas.sync(flat, by_copy, self.process_group, self._group(self._periods[-1]))
                 return
             if index is not None:
                 self._sync_level(index, flat, by_copy)
         self.step += 1
 
+    def _split(self, params: Iterable[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters to average (flat, by copy); for DTensors, their groups made first (collective, once)."""
+        flat, by_copy = self._inputs.split(params)
+        self._inputs_checked = True
+        self._sharded = bool(flat) and is_dtensor(flat[0])
+        if self._sharded:
+            across = self._periods[-1] if self.top_level is not None else None
+            if self._slices.ensure(flat, self.levels, self.process_group, across):
+                self._anchors.cohort = self._slices.position
+                self._saved_layout = averager_state.check_shard_layout(
+                    self._saved_layout, self._slices.digest, self.process_group, self._anchors
+                )
+        return flat, by_copy
+
+    def _group(self, period: int) -> dist.ProcessGroup | None:
+        """The group a level averages over; for DTensors this rank's slice group (``None``: nothing to average)."""
+        if self._sharded:
+            return self._slices.group(period)
+        return self.period_process_group_dict[period]
+
     def _sync_level(self, index: int, flat: list[torch.Tensor], by_copy: list[torch.Tensor]) -> None:
         period = self.levels[index].period
-        group = self.period_process_group_dict[period]
+        group = self._group(period)
+        if group is None:
+            return  # a single replica of a sharded model in each group: nothing to average (warned once)
         anchored = self._anchors.level(period)
         if anchored is None or not self._anchors.state.started:
             # Not started only below an anchored "replicas" level, until its first committed sync.
@@ -317,8 +324,8 @@ class HierarchicalModelAverager(ModelAverager):
         """
         if self.top_level is None:
             raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
-        flat, by_copy = self._inputs.split(params)
-        return self._replicas.sync(flat, by_copy, self.process_group)
+        flat, by_copy = self._split(params)
+        return self._replicas.sync(flat, by_copy, self.process_group, self._group(self._periods[-1]))
 
     def synchronize(self, params: Iterable[Any]) -> bool:
         """Leave every rank with the mean of ``params`` over the whole world. Collective.
@@ -343,16 +350,16 @@ class HierarchicalModelAverager(ModelAverager):
             True
             >>> manager.save(steps, state)
         """
-        flat, by_copy = self._inputs.split(params)
-        self._inputs_checked = True
-        anchors = self._anchors
+        flat, by_copy = self._split(params)
+        anchors, world = self._anchors, self._group(self._periods[-1])
         if by_copy and anchors.levels:
             raise flat_buffers_needed(by_copy)
         if anchors.wants_start(self.step >= self.warmup_steps):
-            anchors.start(flat, self.process_group)  # what the next call would do first: start or re-agree
+            anchors.start(flat, self.process_group, world)  # what the next call would do first: start or re-agree
         if self.top_level is not None:
-            return self._replicas.mean(flat, by_copy, self.process_group)
-        self._plain.average(flat, by_copy, self.process_group)
+            return self._replicas.mean(flat, by_copy, self.process_group, world)
+        if world is not None:  # None: one replica of a sharded model, already the mean
+            self._plain.average(flat, by_copy, world)
         if anchors.state.started:
             anchors.reset_below(self._periods[-1] + 1, flat)  # every anchored level: its groups are in sync too
         return True
@@ -367,6 +374,8 @@ class HierarchicalModelAverager(ModelAverager):
         state = averager_state.capture(self.step, self.warmup_steps, self._config, self.levels, self.world_size)
         if self._anchors.levels:
             state["outer"] = self._anchors.state_dict()
+        if self._slices.active:
+            state["shard_layout"] = self._slices.digest  # DTensor parameters: which slices this rank holds
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -376,6 +385,9 @@ class HierarchicalModelAverager(ModelAverager):
         resolves (e.g. ``"world"``); the top level must span the current world.
         """
         step = averager_state.check_saved(state_dict, self._config, self.warmup_steps)
+        saved_layout = state_dict.get("shard_layout")
+        if saved_layout is not None and self._slices.active:
+            averager_state.refuse_other_layout(saved_layout, self._slices.digest)  # e.g. a heal from a group sharded otherwise
         world_size = self.world_size
         if self.levels[-1].group_size != world_size:
             raise ValueError(
@@ -395,6 +407,8 @@ class HierarchicalModelAverager(ModelAverager):
                 [(lv.period, lv.group_size) for lv in self.levels],
             )
         self._anchors.load_state_dict(state_dict.get("outer"), world_changed=groups_changed)
+        # Not seen the parameters yet: compared with theirs at the next call (another layout drops the outer state).
+        self._saved_layout = None if self._slices.active else saved_layout
         self.step = step
 
     # -- what tests and benchmarks reach: the anchored levels' buffers -----------------
@@ -412,4 +426,4 @@ class HierarchicalModelAverager(ModelAverager):
         return self._anchors.wire.buffers
 
     def _start_anchors(self, params: list[torch.Tensor]) -> None:
-        self._anchors.start(params, self.process_group)
+        self._anchors.start(params, self.process_group, self._group(self._periods[-1]))

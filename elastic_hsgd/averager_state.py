@@ -6,15 +6,23 @@ Format :data:`STATE_FORMAT` (the ``"outer"`` entry, for anchored levels, is
     {"format": 1, "step": int, "warmup_steps": int,
      "config": [[period, size spec], ...],     # as configured: "local", "world", "replicas" or an int
      "levels": [[period, group size], ...],    # as resolved for the world it was saved in
-     "world_size": int}
+     "world_size": int,
+     "shard_layout": str}                      # DTensor parameters only: a digest of this rank's slices
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch.distributed as dist
+
 from .hierarchy import GroupSizeSpec, Level
+from .levels.anchors import AnchorState
+from .process_groups import agree
+
+logger = logging.getLogger(__name__)
 
 #: Version of :meth:`HierarchicalModelAverager.state_dict`'s format.
 STATE_FORMAT = 1
@@ -90,3 +98,42 @@ def groups_changed(saved: Mapping[str, Any], levels: Sequence[Level], world_size
     if saved_levels is None:  # made before the resolved levels were saved: the world size is all there is
         return False
     return [[int(p), int(n)] for p, n in saved_levels] != [[lv.period, lv.group_size] for lv in levels]
+
+
+def refuse_other_layout(saved: str, live: str) -> None:
+    """``ValueError`` unless a loaded state's shard layout digest is this rank's.
+
+    Raised when the parameters are known (a running averager loads a peer's
+    state, as a torchft heal does): rank ``r`` takes rank ``r``'s shards, which
+    must be the same slices.
+
+    >>> refuse_other_layout("ab12", "ab12")
+    """
+    if saved != live:
+        raise ValueError(
+            f"the averager state being loaded was made by a rank holding other slices of the sharded parameters "
+            f"(shard layout {saved}) than this rank holds (shard layout {live}): every replica group must shard "
+            "the model the same way (the same mesh shape over its ranks, the same fully_shard calls and placements), "
+            "so that rank r of every group holds the same slices."
+        )
+
+
+def check_shard_layout(saved: str | None, live: str, group: dist.ProcessGroup, anchors: Any) -> None:
+    """Compare a loaded state's shard layout with the parameters' on every rank. Collective over ``group``.
+
+    Called once the DTensor parameters are first seen after a load. Another
+    layout on any rank (a checkpoint resumed at another shard size): the loaded
+    outer state (anchors, outer optimizers) holds other slices, so every rank
+    drops it with a WARNING, and the anchors start again from the parameters.
+    Returns ``None`` (nothing left to check).
+    """
+    differs = agree(saved is not None and saved != live, group)
+    if any(differs) and anchors.levels and anchors.state.pending is not None:
+        logger.warning(
+            "the checkpoint's averager state was saved with another shard layout (%s on this rank, now %s): its "
+            "anchors and outer-optimizer state hold other slices, so they are dropped and the anchors start again "
+            "from the loaded parameters at the next call at or after warmup.",
+            saved, live,
+        )
+        anchors.state = AnchorState()
+    return None

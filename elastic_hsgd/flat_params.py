@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
+from .local_shards import ShardBuffers, check_local_shards, is_dtensor
+
 logger = logging.getLogger(__name__)
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def params_to_average(params: Iterable[Any], *, with_grad_only: bool = False) -> list[torch.Tensor]:
@@ -80,9 +84,11 @@ def _describe(position: int, tensor: torch.Tensor) -> str:
 class AveragingInputs:
     """What one averager is given, checked once and split by how to average it.
 
-    - Tensor subclasses (DTensor from FSDP2 / tensor parallel, FSDP1's
-      FlatParameter, others) are refused: they are shards or wrappers, and an
-      all_reduce of their local data is not the average of the model.
+    - DTensor parameters (FSDP2, HSDP, tensor parallel) go to ``flat``: their
+      local shards live in flat buffers (:mod:`elastic_hsgd.local_shards`);
+      all of the parameters must be DTensors then. Other tensor subclasses
+      (FSDP1's FlatParameter, wrappers) are refused: an all_reduce of their
+      data is not the average of the model.
     - Sparse or non-contiguous (e.g. channels_last) parameters cannot be views
       of a flat buffer; they alone go through the copy path (warned once), the
       rest stay on the flat path.
@@ -105,15 +111,9 @@ class AveragingInputs:
         """
         given = list(params)
         selected = _indexed_params_to_average(given, with_grad_only=with_grad_only)
-        for position, tensor in selected:
-            if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-                raise TypeError(
-                    f"cannot average {_describe(position, tensor)}: HierarchicalModelAverager averages the "
-                    "replicated plain-tensor parameters of a DistributedDataParallel model, and a tensor "
-                    "subclass (DTensor of FSDP2 or tensor parallelism, FSDP1's FlatParameter) holds a shard or "
-                    "wrapper whose all_reduce is not the model's average. Wrap the model in "
-                    "DistributedDataParallel instead, or pass only plain-tensor parameters."
-                )
+        subclassed = [(i, t) for i, t in selected if type(t) not in _PLAIN]
+        if subclassed:
+            return _sharded_inputs(selected, subclassed), []
         if given and not selected and not self._warned_no_grad:
             self._warned_no_grad = True
             warnings.warn(
@@ -141,6 +141,29 @@ class AveragingInputs:
         return flat, by_copy
 
 
+def _sharded_inputs(selected: list[tuple[int, torch.Tensor]], subclassed: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+    """DTensor parameters (every one of them), whose local shards go into flat buffers; ``TypeError`` otherwise."""
+    for position, tensor in subclassed:
+        if not is_dtensor(tensor):
+            raise TypeError(
+                f"cannot average {_describe(position, tensor)}: HierarchicalModelAverager averages plain-tensor "
+                "parameters (a DistributedDataParallel model's) or DTensor parameters (FSDP2, HSDP, tensor "
+                "parallelism), and another tensor subclass (FSDP1's FlatParameter, a wrapper) holds data whose "
+                "all_reduce is not the model's average. Use DistributedDataParallel or fully_shard instead, or "
+                "pass only plain-tensor parameters."
+            )
+    if len(subclassed) != len(selected):
+        dtensor = subclassed[0]
+        plain = next((i, t) for i, t in selected if not is_dtensor(t))
+        raise TypeError(
+            f"cannot average {_describe(*dtensor)} together with plain-tensor {_describe(*plain)}: either every "
+            "averaged parameter is a DTensor (fully_shard the whole model, or distribute_tensor the rest with "
+            "Replicate()) or none is (the parameters of a DistributedDataParallel model)."
+        )
+    check_local_shards(selected)
+    return [t for _, t in selected]
+
+
 def _count(given: list[Any]) -> int:
     return sum(len(item["params"]) if isinstance(item, dict) else 1 for item in given)
 
@@ -165,13 +188,20 @@ class FlatParameterBuffers:
         self._ids: tuple[int, ...] = ()
         self._pointers: tuple[int, ...] = ()
         self._buffers: list[torch.Tensor] = []
+        self._shards: ShardBuffers | None = None
 
     def buffers_for(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The flat buffers holding exactly ``params``, re-flattening if needed.
 
         Returns ``None`` when the parameters cannot live in a flat buffer
         (sparse or non-contiguous); the caller then averages by copying.
+        DTensor parameters (all of them, as :class:`AveragingInputs` hands
+        them over): the buffers of their local shards (:class:`~elastic_hsgd.local_shards.ShardBuffers`).
         """
+        if params and type(params[0]) not in _PLAIN:
+            if self._shards is None:
+                self._shards = ShardBuffers()
+            return self._shards.buffers_for(params)
         ids = tuple(id(p) for p in params)
         pointers = tuple(p.data_ptr() for p in params)
         if ids == self._ids and pointers == self._pointers and self._buffers:

@@ -6,18 +6,31 @@ resolve raises together with the others instead of leaving them hanging), and
 then every rank creates every block of every level in the same order, as
 :func:`torch.distributed.new_subgroups` does. The groups made here are released
 with :func:`release`, by the averager at a rebuild and at interpreter exit.
+
+DTensor parameters (FSDP2, HSDP, tensor parallel) average with fewer ranks: a
+rank averages its local shard with the ranks of its level's block that hold
+the same slice in the other replicas. :func:`plan_slices` works out those rank
+sets from the parameters' mesh and placements (pure, with
+:mod:`elastic_hsgd.sharding`); :mod:`elastic_hsgd.shard_groups` makes them.
+Group sizes keep counting ranks: on a 2 replicas x 2 shards mesh, ``"world"``
+is 4 ranks, and each of its groups is the 2 ranks holding one slice.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .hierarchy import GroupSizeSpec, Level, contiguous_blocks, resolve_levels
+from .hierarchy import REPLICAS, GroupSizeSpec, Level, contiguous_blocks, repeated_group_sizes, resolve_levels
 from .process_groups import agree, release_group
+from .sharding import Mesh, check_levels, mesh_replicas
+
+logger = logging.getLogger(__name__)
 
 
 def local_world_size(given: int | None) -> int | None:
@@ -92,3 +105,108 @@ def release(owned: list[dist.ProcessGroup]) -> None:
     for subgroup in owned:
         release_group(subgroup)
     owned.clear()
+
+
+# -- sharded (DTensor) parameters: the ranks that hold the same slice --------------------
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """Which ranks average together for DTensor parameters, in ranks of the averager's group.
+
+    ``replicas`` are the rank sets that each hold one whole copy of the model;
+    ranks at the same ``position`` inside their replica hold the same slice of
+    every parameter. ``groups`` lists, per level, every group to create (in
+    the order every rank creates them): the ranks of one of the level's blocks
+    at one position. ``single``: the levels whose blocks hold one replica,
+    which have nothing to average (no-ops).
+
+    Example (FSDP2 over the shard dim of a 2 x 2 mesh)::
+
+        >>> mesh = Mesh.from_ranks([[0, 1], [2, 3]], ("replicate", "shard"))
+        >>> plan = plan_slices(mesh, [("Replicate()", "Shard(0)")], [Level(2, 2), Level(4, 4)], [0, 1, 2, 3])
+        >>> plan.single, plan.group_of(4, 1)
+        ((2,), (1, 3))
+    """
+
+    replicas: tuple[tuple[int, ...], ...]
+    position: tuple[int, ...]
+    groups: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...]
+    single: tuple[int, ...]
+
+    def group_of(self, period: int, rank: int) -> tuple[int, ...] | None:
+        """The ranks ``rank`` averages with at ``period``; ``None`` for a no-op level."""
+        for level_period, groups in self.groups:
+            if level_period == period:
+                return next((g for g in groups if rank in g), None)
+        return None
+
+
+def plan_slices(
+    mesh: Mesh,
+    placements: Sequence[Sequence[str]],
+    levels: Sequence[Level],
+    members: Sequence[int],
+    across_groups: int | None = None,
+) -> SlicePlan:
+    """The :class:`SlicePlan` of parameters on ``mesh`` (global ranks) for ``levels`` of the group whose
+    global ranks are ``members`` (in group-rank order).
+
+    Every level's blocks must be unions of whole replicas: ``ValueError`` naming
+    the level, the mesh and the fix (:func:`~elastic_hsgd.sharding.check_levels`).
+    ``across_groups``: the period of a ``"replicas"`` top level, which averages
+    across replica groups and so is no no-op even when this group is one replica.
+    """
+    index = {rank: i for i, rank in enumerate(members)}
+    outside = [r for r in mesh.ranks if r not in index]
+    if outside:
+        raise ValueError(
+            f"the parameters are on {mesh.describe()}, whose ranks {outside[:8]} are not in the averager's process "
+            f"group (global ranks {list(members)[:16]}): build the device mesh over the averager's process group."
+        )
+    local = Mesh(mesh.shape, tuple(index[r] for r in mesh.ranks), mesh.dims)
+    single = check_levels(local, placements, levels, len(members))
+    replicas = mesh_replicas(local, placements)
+    position = [0] * len(members)
+    for replica in replicas:
+        for k, rank in enumerate(replica):
+            position[rank] = k
+    size = len(replicas[0])
+    groups = []
+    for level in levels:
+        if level in single and level.period != across_groups:
+            continue
+        made = [
+            tuple(r for r in block if position[r] == k)
+            for block in contiguous_blocks(len(members), level.group_size)
+            for k in range(size)
+        ]
+        groups.append((level.period, tuple(made)))
+    skipped = tuple(lv.period for lv in single if lv.period != across_groups)
+    return SlicePlan(tuple(replicas), tuple(position), tuple(groups), skipped)
+
+
+def log_hierarchy(
+    config: Sequence[tuple[int, GroupSizeSpec]], levels: Sequence[Level], group: dist.ProcessGroup,
+    local_size: int | None, warmup_steps: int, log: logging.Logger = logger,
+) -> None:
+    """Log the resolved hierarchy to ``log``; on rank 0 a WARNING for neighbouring levels of the same group size."""
+    world_size = dist.get_world_size(group)
+    spec = dict(config)
+    if dist.get_rank(group) == 0:
+        for lower, upper in repeated_group_sizes(levels):
+            if spec[upper.period] == REPLICAS:
+                continue  # spans every replica group, beyond this group
+            log.warning(
+                "levels %s (period %d) and %s (period %d) both resolve to groups of %d with world size %d "
+                "(local world size %s): the lower level averages the same group as the upper one, just more "
+                "often. On one node 'local' is the whole world; use an int group size or run on more nodes.",
+                spec[lower.period], lower.period, spec[upper.period], upper.period,
+                lower.group_size, world_size, local_size,
+            )
+    log.info(
+        "averaging hierarchy for world size %d: %s (warmup %d steps)",
+        world_size,
+        ", ".join(f"groups of {lv.group_size} every {lv.period} steps" for lv in levels),
+        warmup_steps,
+    )

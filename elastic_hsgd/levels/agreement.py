@@ -106,11 +106,17 @@ def kept_state(levels: Sequence[AnchoredLevel]) -> list[tuple[str, Any]]:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One rank's side of a setup: its parameters' layout, its error (``None``: it succeeded) and its kept state."""
+    """One rank's side of a setup: its parameters' layout, its error (``None``: it succeeded) and its kept state.
+
+    ``cohort``: the ranks whose layouts must be equal. Every rank for plain
+    parameters; for DTensor parameters, the ranks holding the same slices
+    (their position in a replica), since the shards of an uneven split differ.
+    """
 
     layout: Layout
     error: str | None
     kept: list[tuple[str, Any]]
+    cohort: int = 0
 
 
 def disagreement(outcomes: Sequence[Outcome]) -> str | None:
@@ -119,7 +125,10 @@ def disagreement(outcomes: Sequence[Outcome]) -> str | None:
     if message is not None:
         return message
     # Elements and dtype: devices differ between ranks by design (cuda:0, cuda:1).
-    if len({tuple((n, d) for n, d, _ in o.layout) for o in outcomes}) > 1:
+    cohorts: dict[int, set[tuple[tuple[int, str], ...]]] = {}
+    for o in outcomes:
+        cohorts.setdefault(o.cohort, set()).add(tuple((n, d) for n, d, _ in o.layout))
+    if any(len(layouts) > 1 for layouts in cohorts.values()):
         ranks = "; ".join(f"rank {r}: {describe(o.layout, with_device=False)}" for r, o in enumerate(outcomes[:8]))
         return (
             f"the parameters being averaged differ between ranks: flat buffers of (elements, dtype) {ranks}. "

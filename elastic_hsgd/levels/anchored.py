@@ -25,6 +25,9 @@ from .base import flat_buffers_needed
 from .plain import PlainLevel
 from .wire import WireMean
 
+#: ``start``'s default mean group: the group the setup is agreed on.
+SAME: Any = object()
+
 
 class AnchoredLevels:
     """Every anchored level of one averager, with the buffers and the :class:`AnchorState` they share.
@@ -70,6 +73,9 @@ class AnchoredLevels:
         self.wire = wire
         self.deltas: list[torch.Tensor] = []  # one per flat buffer, shared by all levels; empty until allocated
         self.host_grads: list[torch.Tensor] = []  # mean deltas on anchor_device, when it differs
+        #: Ranks whose layouts must agree: 0 everywhere, or for DTensor parameters the position of
+        #: this rank's slices in its replica (set by the averager; see :class:`~.agreement.Outcome`).
+        self.cohort = 0
 
     @property
     def allocated(self) -> bool:
@@ -129,7 +135,7 @@ class AnchoredLevels:
         except (ValueError, TypeError, RuntimeError, KeyError) as exc:  # raised below on every rank
             error = str(exc)
         kept = agreement.kept_state(self.levels) if error is None and state.agreement is Agreement.STALE else []
-        agreement.agree_on(agreement.Outcome(agreement.layout_of(buffers), error, kept), group)
+        agreement.agree_on(agreement.Outcome(agreement.layout_of(buffers), error, kept, self.cohort), group)
         return buffers
 
     def _set_up(self, buffers: list[torch.Tensor]) -> None:
@@ -140,19 +146,25 @@ class AnchoredLevels:
             outer_state.apply(self.levels, self.state.pending)
             self.state.pending = None
 
-    def start(self, params: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+    def start(self, params: list[torch.Tensor], group: dist.ProcessGroup, mean_group: Any = SAME) -> None:
         """Anchors := mean of the parameters over ``group``, the whole group (collective, once).
 
         After a membership change (a rebuild, or a checkpoint from another
         world size) the existing anchors and outer-optimizer state are averaged
-        over the new world instead, so every rank agrees on them.
+        over the new world instead, so every rank agrees on them. The setup is
+        agreed on over ``group``; ``mean_group`` (default ``group``) is the
+        group the mean is taken over: for DTensor parameters, the ranks of the
+        world that hold this rank's slices, ``None`` when there is no other
+        replica (nothing to average).
         """
+        mean_group = group if mean_group is SAME else mean_group
         buffers = self.ready(params, group)
         with torch.no_grad():
             if not self.state.started:
                 for delta, flat in zip(self.deltas, buffers):
                     delta.copy_(flat)
-                self._plain.mean_in_place(self.deltas, group)
+                if mean_group is not None:
+                    self._plain.mean_in_place(self.deltas, mean_group)
                 self.start_at(self.deltas)
             elif self.state.agreement is Agreement.STALE:
                 # Floating state of one or more dimensions; 0-d and integer state (step counts) is
@@ -163,7 +175,8 @@ class AnchoredLevels:
                 # Host-resident state (anchor_device="cpu") travels through the parameters'
                 # device, which the backend (NCCL) serves; only at a membership change.
                 staged = [t.to(device) if device is not None and t.device != device else t for t in tensors]
-                self._plain.mean_in_place(staged, group)
+                if mean_group is not None:
+                    self._plain.mean_in_place(staged, mean_group)
                 for t, s in zip(tensors, staged):
                     if s is not t:
                         t.copy_(s)

@@ -68,16 +68,27 @@ class ReplicasLevel:
         self._flat = flat
         self._anchors = anchors
 
-    def sync(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
-        """One sync of the top level (across replica groups); ``True`` if committed."""
+    def sync(
+        self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup,
+        peers: dist.ProcessGroup | None = None,
+    ) -> bool:
+        """One sync of the top level (across replica groups); ``True`` if committed.
+
+        ``group`` is this replica group (setups are agreed on over it); ``peers``
+        (default ``group``) the ranks of it the top level averages with: for
+        DTensor parameters, those holding this rank's slices. The top level
+        pairs each rank with the same group rank of the other replica groups,
+        which holds the same slices when every group shards the same way.
+        """
+        peers = group if peers is None else peers
         anchors = self._anchors
         anchored = anchors.level(self.period) if anchors.starts_at_top_sync else None
         if anchored is None:
-            committed = self._average(flat, by_copy, group)
+            committed = self._average(flat, by_copy, peers)
         else:
             if by_copy:
                 raise flat_buffers_needed(by_copy)
-            committed = self._outer_sync(anchored, flat, group)
+            committed = self._outer_sync(anchored, flat, group, peers)
         if committed and anchors.state.started:
             if anchored is None:
                 # A group that healed in this sync may hold the peer's anchors only as loaded
@@ -86,13 +97,17 @@ class ReplicasLevel:
             anchors.reset_below(self.period, flat)
         return committed
 
-    def mean(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+    def mean(
+        self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup,
+        peers: dist.ProcessGroup | None = None,
+    ) -> bool:
         """The plain mean across replica groups, whatever the top level's options; ``True`` if committed.
 
         Every anchored level (the top one too) then takes the result as its anchor:
         :meth:`~elastic_hsgd.HierarchicalModelAverager.synchronize` with a top level.
+        ``peers`` as in :meth:`sync`.
         """
-        committed = self._average(flat, by_copy, group)
+        committed = self._average(flat, by_copy, group if peers is None else peers)
         anchors = self._anchors
         if committed and anchors.state.started:
             anchors.ready(flat, group)  # a group that healed in this sync applies the peer's anchors first
@@ -112,7 +127,9 @@ class ReplicasLevel:
                     unpack_by_kind(members, t)
         return committed
 
-    def _outer_sync(self, lv: AnchoredLevel, params: list[torch.Tensor], group: dist.ProcessGroup) -> bool:
+    def _outer_sync(
+        self, lv: AnchoredLevel, params: list[torch.Tensor], group: dist.ProcessGroup, peers: dist.ProcessGroup
+    ) -> bool:
         """The anchored top level: an outer step on the pseudo-gradient averaged across groups.
 
         Which mean a sync carries depends on state every group shares: with anchors
@@ -135,7 +152,7 @@ class ReplicasLevel:
             # A heal happens in here: it loads a peer's state into the parameters,
             # the anchors and the outer optimizer (load_state_dict applies it at once,
             # the anchors being allocated above).
-            if not owner.top_level.average(list(anchors.deltas), group, owner.step):
+            if not owner.top_level.average(list(anchors.deltas), peers, owner.step):
                 return False
             if not anchors.state.started:
                 for flat, mean in zip(buffers, anchors.deltas):

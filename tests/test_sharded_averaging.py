@@ -1,0 +1,261 @@
+"""Issue 21: the averager on DTensor parameters (FSDP2, HSDP), in real gloo processes on CPU.
+
+Four ranks as 2 replicas x 2 shards. Each process trains an FSDP2 model and, beside it,
+the same model unsharded on the same data (its replica's two batches at once, which is
+what FSDP2's reduce-scatter of the two ranks' gradients amounts to), each with its own
+averager of the same hierarchy. After every step each replica's ``full_tensor()`` must
+equal the unsharded parameters: sharded averaging is the averaging of the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+
+from tests.distributed import run_workers
+
+torch = pytest.importorskip("torch")
+
+WORLD = 4
+STEPS = 13
+NESTEROV = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+
+# (name, {period: size}, outer-optimizer periods, {period: wire dtype}, tolerance)
+CASES = [
+    ("plain", {2: 2, 4: "world"}, [], {}, 1e-5),
+    ("outer nesterov", {3: "world"}, [3], {}, 1e-5),
+    ("bf16 wire", {2: "world", 6: "world"}, [6], {2: torch.bfloat16}, 1e-3),
+]
+
+
+def _model():
+    torch.manual_seed(0)
+    # 13 rows over 2 shards are 7 + 6, 3 rows are 2 + 1: uneven everywhere.
+    return torch.nn.Sequential(torch.nn.Linear(5, 13), torch.nn.LayerNorm(13), torch.nn.ReLU(), torch.nn.Linear(13, 3))
+
+
+def _shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model:
+        if list(block.parameters()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _batches(replica: int, step: int) -> list:
+    return [torch.randn(4, 5, generator=torch.Generator().manual_seed(1000 * replica + 10 * j + step)) for j in range(2)]
+
+
+def _equivalence_worker(rank: int, world_size: int, hsdp: bool) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from elastic_hsgd import HierarchicalModelAverager
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    replica, shard = divmod(rank, 2)
+    out: dict = {}
+    for name, config, outers, wires, _ in CASES:
+        kwargs = dict(warmup_steps=2, outer_optimizers={p: NESTEROV for p in outers}, comm_dtypes=dict(wires))
+        plain = _model()
+        sharded = _shard(_model(), mesh if hsdp else mesh["shard"])
+        averagers = [HierarchicalModelAverager(config, **kwargs) for _ in range(2)]
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, sharded)]
+        worst, apart, pointers = 0.0, 0.0, []
+        for step in range(STEPS):
+            if hsdp:  # HSDP all-reduces gradients over the replicas too: the unsharded model sees every batch
+                batch = torch.cat([b for r in range(2) for b in _batches(r, step)])
+            else:
+                batch = torch.cat(_batches(replica, step))
+            plain(batch).pow(2).mean().backward()
+            sharded(_batches(replica, step)[shard]).pow(2).mean().backward()
+            for model, opt, averager in zip((plain, sharded), optimizers, averagers):
+                opt.step()
+                opt.zero_grad()
+                averager.average_parameters(model.parameters())
+            pointers.append(tuple(p.to_local().data_ptr() for p in sharded.parameters()))
+            for a, b in zip(plain.parameters(), sharded.parameters()):
+                worst = max(worst, (a.detach() - b.full_tensor().detach()).abs().max().item())
+            # Replicas drift apart between syncs (so the averaging above was not a no-op by chance).
+            full = sharded[0].weight.full_tensor().detach().clone()
+            other = [torch.empty_like(full) for _ in range(world_size)]
+            torch.distributed.all_gather(other, full)
+            apart = max(apart, (other[0] - other[2]).abs().max().item())
+        buffers = averagers[1]._flat._shards._buffers
+        local = sharded[0].weight.to_local()
+        out[name] = {
+            "worst": worst,
+            "apart": apart,
+            # Flattened once, at the first sync that averages, and never copied or moved again.
+            "moved once": sum(a != b for a, b in zip(pointers, pointers[1:])) == 1,
+            "in the flat buffer": any(b.untyped_storage().data_ptr() == local.untyped_storage().data_ptr() for b in buffers),
+            "buffer elements": sum(b.numel() for b in buffers),
+            "placements": [str(p.placements) for p in sharded.parameters()][:1],
+        }
+    return out
+
+
+@pytest.mark.parametrize("hsdp", [False, True], ids=["fsdp2 1-D shard mesh", "hsdp 2-D mesh"])
+def test_sharded_averaging_equals_the_unsharded_run_after_every_step(hsdp):
+    results = run_workers(_equivalence_worker, WORLD, hsdp, deadline_s=300)
+    for name, _, _, _, tolerance in CASES:
+        for rank, result in enumerate(results):
+            got = result[name]
+            assert got["worst"] <= tolerance, (name, rank, got)
+            assert got["moved once"] and got["in the flat buffer"], (name, rank, got)
+            if not hsdp:
+                assert got["apart"] > 1e-4, (name, rank, got)  # local steps differ between replicas
+        # 1/shard of the model per rank: FSDP2's padded shards (13x5+13 -> 7 rows; 13+13 -> 7; 3x13+3 -> 2 rows).
+        assert results[0][name]["buffer elements"] == 7 * 5 + 7 + 7 + 7 + 2 * 13 + 2
+        assert results[1][name]["buffer elements"] == results[0][name]["buffer elements"]
+    expected = "(Replicate(), Shard(dim=0))" if hsdp else "(Shard(dim=0),)"
+    assert results[0]["plain"]["placements"] == [expected]
+
+
+# -- refusals and warnings ---------------------------------------------------------
+
+
+def _refusals_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from elastic_hsgd import HierarchicalModelAverager
+
+    out: dict = {}
+
+    def attempt(label, config, params, **kwargs):
+        try:
+            HierarchicalModelAverager(config, **kwargs).average_parameters(params)
+            out[label] = None
+        except (TypeError, ValueError) as exc:
+            out[label] = (type(exc).__name__, str(exc))
+
+    # Replicas are the columns of this mesh ({0, 2} and {1, 3}): blocks of 2 contiguous ranks split them.
+    columns = init_device_mesh("cpu", (2, 2), mesh_dim_names=("shard", "replicate"))
+    model = _shard(_model(), columns["shard"])
+    attempt("misfit", {2: 2, 4: "world"}, model.parameters())
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    partial = torch.nn.Parameter(DTensor.from_local(torch.ones(3), mesh, [Replicate(), Partial()]))
+    attempt("partial", {2: "world"}, [partial])
+    whole = init_device_mesh("cpu", (4,), mesh_dim_names=("all",))
+    a = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Replicate(), Shard(0)]))
+    b = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), whole, [Shard(0)]))
+    attempt("two meshes", {2: "world"}, [a, b])
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("elastic_hsgd").addHandler(handler)
+    try:
+        single = _shard(_model(), mesh["shard"])
+        averager = HierarchicalModelAverager({2: 2, 4: "world"})
+        opt = torch.optim.SGD(single.parameters(), lr=0.1)
+        before = [p.full_tensor().clone() for p in single.parameters()]
+        for step in range(3):  # steps 0 (fires period 4), 1, 2 (fires the single-replica level)
+            if step == 1:
+                single(torch.randn(2, 5, generator=torch.Generator().manual_seed(rank))).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                before = [p.full_tensor().clone() for p in single.parameters()]
+            averager.average_parameters(single.parameters())
+        out["single unchanged"] = all(torch.equal(x, p.full_tensor()) for x, p in zip(before, single.parameters()))
+        averager.average_parameters(single.parameters())  # step 3: nothing fires
+        averager.average_parameters(single.parameters())  # step 4: the world level
+        averager2 = HierarchicalModelAverager({2: 2, 4: "world"})
+        averager2.average_parameters(single.parameters())
+    finally:
+        logging.getLogger("elastic_hsgd").removeHandler(handler)
+    out["warnings"] = [m for m in records if "single replica" in m]
+    return out
+
+
+def test_misfits_partial_and_mixed_meshes_are_refused_on_every_rank_and_single_replica_levels_warn_once():
+    results = run_workers(_refusals_worker, WORLD, deadline_s=300)
+    for result in results:
+        kind, message = result["misfit"]
+        assert kind == "ValueError"
+        assert "level 0 (period 2, group size 2)" in message and "splits the replica" in message
+        assert "mesh (shard=2, replicate=2)" in message and "init_device_mesh" in message
+        kind, message = result["partial"]
+        assert kind == "TypeError" and "parameter 0 (DTensor, shape [3]" in message and "Partial" in message
+        kind, message = result["two meshes"]
+        assert kind == "TypeError" and "parameter 1" in message and "the same device mesh" in message
+        assert result["single unchanged"]
+        # Once per averager and level: the second averager warns again, the first not twice.
+        assert len(result["warnings"]) == 2 and "level 0 (period 2, group size 2)" in result["warnings"][0]
+
+
+# -- state: bit-identical resume, the shard layout in it ---------------------------
+
+
+def _state_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from elastic_hsgd import HierarchicalModelAverager
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    replica, shard = divmod(rank, 2)
+
+    def train(model, opt, averager, start, stop):
+        for step in range(start, stop):
+            model(_batches(replica, step)[shard]).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            averager.average_parameters(model.parameters())
+
+    def build():
+        model = _shard(_model(), mesh["shard"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        averager = HierarchicalModelAverager({3: "world"}, warmup_steps=2, outer_optimizers={3: NESTEROV},
+                                             comm_dtypes={3: torch.bfloat16})
+        return model, opt, averager
+
+    model, opt, averager = build()
+    train(model, opt, averager, 0, 7)
+    saved = {
+        "model": {k: v.to_local().clone() for k, v in model.state_dict().items()},
+        "averager": _clone(averager.state_dict()),
+    }
+    train(model, opt, averager, 7, STEPS)
+
+    resumed, opt2, averager2 = build()
+    with torch.no_grad():
+        for p, local in zip(resumed.parameters(), saved["model"].values()):
+            p.to_local().copy_(local)
+    averager2.load_state_dict(saved["averager"])
+    train(resumed, opt2, averager2, 7, STEPS)
+    out = {
+        "identical": all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), resumed.parameters())),
+        "layout": saved["averager"]["shard_layout"],
+        "anchor elements": [a.numel() for a in saved["averager"]["outer"]["anchors"]["3"]],
+    }
+    # A peer's state from a rank holding other slices (as a heal from a group sharded otherwise would bring).
+    other = dict(saved["averager"], shard_layout="0123456789abcdef")
+    try:
+        averager2.load_state_dict(other)
+    except ValueError as exc:
+        out["refused"] = str(exc)
+    return out
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
+
+
+def test_sharded_state_resumes_bit_identically_and_refuses_another_shard_layout():
+    results = run_workers(_state_worker, WORLD, deadline_s=300)
+    for result in results:
+        assert result["identical"]
+        assert "every replica group must shard the model the same way" in result["refused"]
+    assert results[0]["layout"] == results[2]["layout"] != results[1]["layout"] == results[3]["layout"]
+    assert results[0]["anchor elements"] == [7 * 5 + 7 + 7 + 7 + 2 * 13 + 2]  # this rank's shards only
