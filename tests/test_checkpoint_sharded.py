@@ -323,3 +323,27 @@ def test_hostile_layouts_are_checkpoint_errors(saved, tmp_path, change, ranks, w
     results = run_workers(_load_worker, world, hostile, 1, world, True)
     assert all("error" in r for r in results)
     assert message in results[0]["error"], results[0]["error"]
+
+
+def _manager_load_worker(rank: int, world_size: int, url: str, replicas: int, shards: int) -> dict:
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+
+    model, optimizer = _model(replicas, shards, seed=1)
+    with CheckpointManager(url) as manager:
+        step = manager.load_latest({"model": model, "optimizer": optimizer})
+    return {"step": step, "full": _lists(_full(model, optimizer)), "locals": _lists(_locals(model, optimizer)), "draw": torch.rand(3).tolist()}
+
+
+def test_checkpoint_manager_resumes_sharded_state_exactly_or_resharded(saved):
+    url, before = saved
+    same = run_workers(_manager_load_worker, 4, url, 2, 2)
+    for rank in range(4):
+        assert same[rank]["step"] == STEP and same[rank]["draw"] == before[rank]["draw"]
+        _assert_equal(same[rank]["locals"], _tensors(before[rank]["locals"]))
+    resharded = run_workers(_manager_load_worker, 4, url, 1, 4)
+    expected = _mean_of_replicas(before, [0, 2])
+    for result in resharded:
+        assert result["step"] == STEP
+        _assert_equal(result["full"], expected)

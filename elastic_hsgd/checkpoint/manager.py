@@ -27,7 +27,9 @@ from .background import close_at_exit
 from .commit import Unusable
 from .layout import CommitRecord, small_summaries, step_dir_name
 from .merge import check_merge, policies
+from .dtensor_state import holds_dtensors
 from .replicas import mean_of_replicas
+from .sharded_load import load_sharded_step
 from .state import capture, restore
 from .storage import CheckpointError, RetryPolicy, Storage
 from .tiers import StepReader, Tier
@@ -392,7 +394,10 @@ class CheckpointManager:
         """Load what ``reader`` offers of ``step`` into ``state``: this rank's own file, or the mean of the replicas."""
         what = f"loading checkpoint step {step} from {reader.url}"
         record = reader.record
-        if record.world_size == self.world_size:
+        exact = record.world_size == self.world_size
+        if holds_dtensors(state):  # DTensor state: exact, or each new box from the saved replicas (.sharded_load)
+            exact = load_sharded_step(state, reader, self._peers, storage=self.storage, strict=strict, policies=policies(state, self.merge)).exact
+        elif exact:
             payload, error = None, None
             try:
                 payload = reader.fetch(self.rank)
@@ -415,7 +420,7 @@ class CheckpointManager:
                 reader.url,
                 record.world_size,
                 self.world_size,
-                "" if record.world_size == self.world_size else "; every rank got the mean of the saved replicas, RNG not restored",
+                "" if exact else "; every rank got the mean of the saved replicas, RNG not restored",
             )
 
 
