@@ -204,7 +204,7 @@ class HierarchicalModelAverager(ModelAverager):
         self._ddp_checked = False  # whether the first averaging step after warmup looked for a DDP without the hook
         self._slices = SliceGroups()  # the groups of DTensor parameters, made when first seen
         self._sharded = False  # whether the parameters of the current call are DTensors
-        self._saved_layout: str | None = None  # a loaded state's shard layout, checked once the parameters are seen
+        self._saved_layout: tuple[str, int] | None = None  # a loaded state's (shard layout, world), checked at the next call
         self.levels: tuple[Level, ...] = ()
         self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
@@ -291,9 +291,8 @@ class HierarchicalModelAverager(ModelAverager):
             across = self._periods[-1] if self.top_level is not None else None
             if self._slices.ensure(flat, self.levels, self.process_group, across):
                 self._anchors.cohort = self._slices.position
-                self._saved_layout = averager_state.check_shard_layout(
-                    self._saved_layout, self._slices.digest, self.process_group, self._anchors
-                )
+                averager_state.keeps_outer_state(self._saved_layout, self._slices.digest, self.world_size, self._anchors)
+                self._saved_layout = None
         return flat, by_copy
 
     def _group(self, period: int) -> dist.ProcessGroup | None:
@@ -408,7 +407,7 @@ class HierarchicalModelAverager(ModelAverager):
             )
         self._anchors.load_state_dict(state_dict.get("outer"), world_changed=groups_changed)
         # Not seen the parameters yet: compared with theirs at the next call (another layout drops the outer state).
-        self._saved_layout = None if self._slices.active else saved_layout
+        self._saved_layout = None if self._slices.active or saved_layout is None else (saved_layout, saved_world)
         self.step = step
 
     # -- what tests and benchmarks reach: the anchored levels' buffers -----------------

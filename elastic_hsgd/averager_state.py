@@ -7,7 +7,7 @@ Format :data:`STATE_FORMAT` (the ``"outer"`` entry, for anchored levels, is
      "config": [[period, size spec], ...],     # as configured: "local", "world", "replicas" or an int
      "levels": [[period, group size], ...],    # as resolved for the world it was saved in
      "world_size": int,
-     "shard_layout": str}                      # DTensor parameters only: a digest of this rank's slices
+     "shard_layout": str}                      # DTensor parameters only: a digest of how they are sharded
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch.distributed as dist
-
 from .hierarchy import GroupSizeSpec, Level
 from .levels.anchors import AnchorState
-from .process_groups import agree
 
 logger = logging.getLogger(__name__)
 
@@ -101,39 +98,43 @@ def groups_changed(saved: Mapping[str, Any], levels: Sequence[Level], world_size
 
 
 def refuse_other_layout(saved: str, live: str) -> None:
-    """``ValueError`` unless a loaded state's shard layout digest is this rank's.
+    """``ValueError`` unless a loaded state's shard layout digest is the parameters'.
 
-    Raised when the parameters are known (a running averager loads a peer's
-    state, as a torchft heal does): rank ``r`` takes rank ``r``'s shards, which
-    must be the same slices.
+    Raised when the parameters are known: a running averager loads a peer's
+    state, as a torchft heal does, where rank ``r`` takes rank ``r``'s shards.
 
     >>> refuse_other_layout("ab12", "ab12")
     """
     if saved != live:
         raise ValueError(
-            f"the averager state being loaded was made by a rank holding other slices of the sharded parameters "
-            f"(shard layout {saved}) than this rank holds (shard layout {live}): every replica group must shard "
-            "the model the same way (the same mesh shape over its ranks, the same fully_shard calls and placements), "
-            "so that rank r of every group holds the same slices."
+            f"the averager state being loaded was made with the parameters sharded otherwise (shard layout {saved}) "
+            f"than this job shards them (shard layout {live}): every replica group must shard the model the same "
+            "way (the same shard mesh size, fully_shard calls and placements), so that rank r of every group holds "
+            "the same slices."
         )
 
 
-def check_shard_layout(saved: str | None, live: str, group: dist.ProcessGroup, anchors: Any) -> None:
-    """Compare a loaded state's shard layout with the parameters' on every rank. Collective over ``group``.
+def keeps_outer_state(saved: tuple[str, int] | None, live: str, world_size: int, anchors: Any) -> None:
+    """Whether a loaded outer state fits sharded parameters; if not, drop it with a WARNING.
 
-    Called once the DTensor parameters are first seen after a load. Another
-    layout on any rank (a checkpoint resumed at another shard size): the loaded
-    outer state (anchors, outer optimizers) holds other slices, so every rank
-    drops it with a WARNING, and the anchors start again from the parameters.
-    Returns ``None`` (nothing left to check).
+    ``saved``: the loaded state's shard layout digest and world size (``None``:
+    nothing loaded, or saved before the parameters were seen). The anchors and
+    outer-optimizer state of a sharded model are each rank's own slices, which
+    a checkpoint resumes exactly only at the same world size and layout: at
+    another (resharded, or the mean of another number of replicas) every rank
+    drops them and the anchors start again from the loaded parameters. The
+    same decision on every rank: its inputs are the same everywhere.
     """
-    differs = agree(saved is not None and saved != live, group)
-    if any(differs) and anchors.levels and anchors.state.pending is not None:
-        logger.warning(
-            "the checkpoint's averager state was saved with another shard layout (%s on this rank, now %s): its "
-            "anchors and outer-optimizer state hold other slices, so they are dropped and the anchors start again "
-            "from the loaded parameters at the next call at or after warmup.",
-            saved, live,
-        )
-        anchors.state = AnchorState()
-    return None
+    if saved is None or not anchors.levels or anchors.state.pending is None:
+        return
+    layout, saved_world = saved
+    if layout == live and saved_world == world_size:
+        return
+    logger.warning(
+        "the checkpoint's averager state was saved with %s (shard layout %s, world size %d; now %s, %d): its anchors "
+        "and outer-optimizer state hold each rank's own slices, which only resume at the same layout and world "
+        "size, so they are dropped and the anchors start again from the loaded parameters at the next call at or "
+        "after warmup.",
+        "another shard layout" if layout != live else "another world size", layout, saved_world, live, world_size,
+    )
+    anchors.state = AnchorState()

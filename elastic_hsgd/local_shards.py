@@ -18,9 +18,11 @@ another storage (``reset_sharded_param`` at lazy init, after ``load_state_dict``
 ``module.to``). So one re-pointing is enough: :class:`ShardBuffers` gives each FSDP2 parameter
 a padded segment of the flat buffer, points ``_sharded_param_data`` at the segment and the
 local tensor at its unpadded front, and FSDP2 then reads and writes the flat buffer itself,
-with no copy per call (training is bit-identical to an unflattened run). The padding rows are
-zeros on every rank and stay zeros under averaging. Other DTensors (tensor parallel,
-``distribute_tensor``) only have their local tensor re-pointed.
+with no copy per call (training is bit-identical to an unflattened run). Other DTensors
+(tensor parallel, ``distribute_tensor``) only have their local tensor re-pointed, at the
+front of a segment padded to the parameter's largest slice likewise, so that every rank's
+buffers (and anchors) have the same size. The padding is zeros on every rank and stays
+zeros under averaging.
 
 Example::
 
@@ -40,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .sharding import Mesh, check_placements, expand_to_root, placement_text
+from .sharding import Mesh, check_placements, expand_to_root, placement_text, slice_replicas
 
 logger = logging.getLogger(__name__)
 
@@ -200,17 +202,23 @@ def _by_kind(params: list[Any]) -> dict[tuple[torch.device, torch.dtype], list[A
 
 
 def _span(param: Any, fsdp_param: Any) -> int:
-    """Elements ``param`` takes in its buffer: FSDP2's padded shard, else the local shard."""
+    """Elements ``param`` takes in its buffer: FSDP2's padded shard, else its largest slice.
+
+    Padded to the largest slice either way, so that every rank's buffers have
+    the same size: a rank's saved anchors then have the shapes of every other
+    rank's, as a checkpoint's mean of replicas at another world size requires.
+    """
     if fsdp_param is not None:
         return int(torch.Size(fsdp_param.padded_sharded_param_size).numel())
-    return local_of(param).numel()
+    where = placed(0, param)
+    return max(box.numel for box in slice_replicas(where.global_shape, where.mesh, where.placements))
 
 
 def _move_into(param: Any, fsdp_param: Any, segment: torch.Tensor) -> None:
     """Copy ``param``'s local shard into ``segment`` and make the segment its storage."""
     local = local_of(param)
     if fsdp_param is None:
-        view = segment.view(local.shape)
+        view = segment[: local.numel()].view(local.shape)
         view.copy_(local)
         param._local_tensor = view
         return

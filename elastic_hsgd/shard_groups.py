@@ -35,29 +35,31 @@ from .collectives import combine_errors
 from .hierarchy import Level
 from .local_shards import local_of, placed_all
 from .process_groups import agree, release_group
-from .sharding import Mesh, local_slice
+from .sharding import Mesh, local_slice, mesh_replicas
 from .topology import SlicePlan, plan_slices
 
 logger = logging.getLogger(__name__)
 
 
-def layout_digest(params: Sequence[Any], mesh: Mesh, placements: Sequence[Sequence[str]], rank: int) -> str:
-    """A digest of ``rank``'s slices: global shape, offset, size and dtype of each parameter's local shard.
+def layout_digest(params: Sequence[Any], mesh: Mesh, placements: Sequence[Sequence[str]]) -> str:
+    """A digest of how the parameters are sharded: each one's global shape, dtype and the slice
+    of every position of a replica (the same on every rank, whatever the number of replicas).
 
-    Equal on two ranks exactly when they hold the same slices of parameters of
-    the same shapes: a resume or a heal with another shard layout shows here.
+    Two replica groups, or a checkpoint and a resumed job, hold the same slices
+    on rank ``r`` exactly when their digests agree.
 
     >>> import torch
     >>> class P:  # a stand-in for a DTensor
     ...     shape, _local_tensor = (13, 5), torch.zeros(7, 5)
-    >>> mesh = Mesh.from_ranks([[0, 1], [2, 3]], ("replicate", "shard"))
-    >>> layout_digest([P()], mesh, [("Replicate()", "Shard(0)")], 0) == layout_digest([P()], mesh, [("Replicate()", "Shard(0)")], 2)
+    >>> two, three = (Mesh.from_ranks(r, ("replicate", "shard")) for r in ([[0, 1], [2, 3]], [[0, 1], [2, 3], [4, 5]]))
+    >>> layout_digest([P()], two, [("Replicate()", "Shard(0)")]) == layout_digest([P()], three, [("Replicate()", "Shard(0)")])
     True
     """
+    replica = mesh_replicas(mesh, placements)[0]
     text = []
     for p, texts in zip(params, placements):
-        box = local_slice(tuple(p.shape), mesh, texts, rank)
-        text.append(f"{list(p.shape)}:{list(box.offset)}:{list(box.size)}:{local_of(p).dtype}")
+        boxes = [local_slice(tuple(p.shape), mesh, texts, rank) for rank in replica]
+        text.append(f"{list(p.shape)}:{local_of(p).dtype}:" + ",".join(f"{list(b.offset)}+{list(b.size)}" for b in boxes))
     return hashlib.sha256(";".join(text).encode()).hexdigest()[:16]
 
 
@@ -68,7 +70,7 @@ class SliceGroups:
         plan: the :class:`~elastic_hsgd.topology.SlicePlan` in use, ``None``
             until DTensor parameters were seen (plain parameters never set it).
         position: this rank's position in its replica (ranks of one position hold the same slices).
-        digest: :func:`layout_digest` of this rank's slices.
+        digest: :func:`layout_digest` of the parameters' sharding.
     """
 
     def __init__(self) -> None:
@@ -124,7 +126,7 @@ class SliceGroups:
         assert plan is not None
         self._make(plan, members, dist.get_rank(group))
         self._key = key
-        self.digest = layout_digest(params, mesh, placements, dist.get_rank())
+        self.digest = layout_digest(params, mesh, placements)
         self._warn_single(plan, levels, mesh)
         return True
 
