@@ -174,13 +174,16 @@ def byte_ranges(shard: Slice, box: Slice, itemsize: int) -> list[tuple[int, int]
     return ranges
 
 
-def plan_slice(target: Slice, saved: Mapping[int, Slice], global_shape: Sequence[int], itemsize: int, what: str = "tensor") -> list[Piece]:
+def plan_slice(
+    target: Slice, saved: Mapping[int, Slice], global_shape: Sequence[int], itemsize: int, what: str = "tensor", *, ranges: bool = True
+) -> list[Piece]:
     """The reads that make up ``target`` from the saved shards (``saved``: saved rank -> its box).
 
     Saved ranks with the same box are replicas of it, all read (their mean is
     the value). The distinct saved boxes must tile ``target``: overlapping
     boxes, or a part of ``target`` no saved rank holds, are a
-    :class:`~.storage.CheckpointError` naming ``what``.
+    :class:`~.storage.CheckpointError` naming ``what``. ``ranges=False``
+    checks the tiling only (each read's ranges left empty).
     """
     if not target.within(global_shape):
         raise CheckpointError(f"{what}: the requested box {target} leaves the global shape {list(global_shape)}")
@@ -204,7 +207,8 @@ def plan_slice(target: Slice, saved: Mapping[int, Slice], global_shape: Sequence
                     f"{what}: saved ranks {ranks[:8]} (box {box}) and {theirs[:8]} hold overlapping parts of the tensor: "
                     "a rank file's layout is corrupt"
                 )
-        reads = tuple(Read(rank, tuple(byte_ranges(box, overlap, itemsize))) for rank in ranks)
+        found = tuple(byte_ranges(box, overlap, itemsize)) if ranges else ()
+        reads = tuple(Read(rank, found) for rank in ranks)
         pieces.append(Piece(overlap, reads))
     covered = sum(piece.box.numel for piece in pieces)
     if covered != target.numel:

@@ -18,7 +18,7 @@ Example::
     >>> # xdoctest: +SKIP("needs a checkpoint")
     >>> files = RangedFiles(storage, reader)
     >>> index = files.index(1)                              # the header only
-    >>> files.read(1, index.tensors["model/0.weight/local"].start, 20)
+    >>> files.read_many(1, [(index.tensors["model/0.weight/local"].start, 20)])
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class SavedFiles(Protocol):
     def index(self, saved_rank: int) -> RankIndex:
         """The saved rank's tree and tensor table."""
 
-    def read(self, saved_rank: int, start: int, nbytes: int) -> bytes | memoryview:
-        """Bytes ``[start, start + nbytes)`` of the saved rank's file."""
+    def read_many(self, saved_rank: int, spans: list[tuple[int, int]]) -> list[bytes | memoryview]:
+        """Bytes ``[start, start + nbytes)`` of the saved rank's file for each ``(start, nbytes)`` of ``spans``."""
 
     def verify(self, saved_rank: int) -> None:
         """Raise :class:`~.commit.Unusable` unless the saved rank's file matches its commit record."""
@@ -74,9 +74,21 @@ class RangedFiles:
     def index(self, saved_rank: int) -> RankIndex:
         return self._file(saved_rank)[1]
 
-    def read(self, saved_rank: int, start: int, nbytes: int) -> bytes:
-        self.bytes_read += nbytes
-        return read_range(self.storage, self._file(saved_rank)[0], start, nbytes)
+    def read_many(self, saved_rank: int, spans: list[tuple[int, int]]) -> list[bytes]:
+        """One request for all ``spans`` (fsspec's ``cat_ranges``: concurrent on object stores), retried as a whole."""
+        path = self._file(saved_rank)[0]
+        spans = [(start, nbytes) for start, nbytes in spans]
+        if len(spans) == 1:
+            data = [read_range(self.storage, path, *spans[0])]
+        else:
+            where = self.storage.fs.unstrip_protocol(path)
+            starts, ends = [s for s, _ in spans], [s + n for s, n in spans]
+            data = self.storage.policy.call(f"reading {len(spans)} ranges of {where}", lambda: self.storage.fs.cat_ranges([path] * len(spans), starts, ends))
+            for (start, nbytes), got in zip(spans, data):
+                if isinstance(got, Exception) or len(got) != nbytes:
+                    raise CheckpointError(f"{where}: read {got!r:.80} at offset {start}, expected {nbytes} bytes (truncated file?)")
+        self.bytes_read += sum(n for _, n in spans)
+        return data
 
     def verify(self, saved_rank: int) -> None:
         """Stream the file through CRC-32 (one chunk in memory) and compare with the commit record."""
@@ -129,15 +141,22 @@ class FetchedFiles:
     def index(self, saved_rank: int) -> RankIndex:
         return self._file(saved_rank)[0]
 
-    def read(self, saved_rank: int, start: int, nbytes: int) -> memoryview:
+    def read_many(self, saved_rank: int, spans: list[tuple[int, int]]) -> list[bytes | memoryview]:
+        """Views of the fetched tensors' memory; a span over several tensors is copied out of them."""
         _, starts, chunks = self._file(saved_rank)
-        i = bisect.bisect_right(starts, start) - 1
-        view = memoryview(chunks[i]).cast("B")
-        begin = start - starts[i]
-        if begin + nbytes > view.nbytes:
-            raise Unusable(f"saved rank {saved_rank}: range [{start}, {start + nbytes}) crosses a tensor boundary")
-        self.bytes_read += nbytes
-        return view[begin : begin + nbytes]
+        out: list[bytes | memoryview] = []
+        for start, nbytes in spans:
+            i = bisect.bisect_right(starts, start) - 1
+            pieces = []
+            while nbytes and i < len(chunks):
+                view = memoryview(chunks[i]).cast("B")[start - starts[i] :]
+                pieces.append(view[:nbytes])
+                start, nbytes, i = start + len(pieces[-1]), nbytes - len(pieces[-1]), i + 1
+            if nbytes:
+                raise Unusable(f"saved rank {saved_rank}: a range ends {nbytes} bytes past the end of the file")
+            out.append(b"" if not pieces else pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        self.bytes_read += sum(n for _, n in spans)
+        return out
 
     def verify(self, saved_rank: int) -> None:
         """Nothing to do: the tier verified each payload it fetched."""

@@ -30,7 +30,7 @@ Example::
     >>> fully_shard(model, mesh=init_device_mesh("cpu", (1, 4), mesh_dim_names=("replicate", "shard"))["shard"])
     >>> state = {"model": model, "optimizer": torch.optim.AdamW(model.parameters())}
     >>> load_sharded_step(state, tier.reader(step), peers, storage=tier.storage)
-    ShardedLoad(exact=False, bytes_read=1136)
+    ShardedLoad(exact=False, bytes_read=1600, shard_bytes_read=912)
 """
 
 from __future__ import annotations
@@ -63,10 +63,12 @@ LayoutTable = dict[int, dict[Path, tuple]]
 
 @dataclass(frozen=True)
 class ShardedLoad:
-    """How a sharded load went: ``exact`` (own files, RNG restored) or resharded; tensor bytes this rank read by range."""
+    """How a sharded load went: ``exact`` (own files, RNG restored) or resharded; the bytes this rank read
+    by range, in all and for the sharded tensors' boxes."""
 
     exact: bool
     bytes_read: int
+    shard_bytes_read: int = 0
 
 
 def load_sharded_step(
@@ -101,7 +103,7 @@ def load_sharded(
             error = exc
         peers.agree(error, what, soft=Unusable)
         _restore_agreed(state, payload, peers, what, restore_rng=True, strict=strict, fill=None)
-        return ShardedLoad(True, files.bytes_read)
+        return ShardedLoad(True, files.bytes_read)  # the whole own file, through fetch
     layouts: LayoutTable = {}
     plain, error = {}, None
     try:  # the saved ranks mean_of_replicas asks for, read (and verified) first: their layouts are checked before the mean
@@ -115,9 +117,9 @@ def load_sharded(
         table.update(part)
     check_layouts(table, files.record.world_size, what)  # the same table on every rank: all raise alike
     mean = mean_of_replicas(files.record, what, plain.pop, peers, policies)
-    fill = Resharder(files, table, what).fill
+    fill, before = Resharder(files, table, what).fill, files.bytes_read
     _restore_agreed(state, _with_records(mean), peers, what, restore_rng=False, strict=strict, views=False, fill=fill)
-    return ShardedLoad(False, files.bytes_read)
+    return ShardedLoad(False, files.bytes_read, files.bytes_read - before)
 
 
 def check_layouts(table: LayoutTable, saved_world_size: int, what: str) -> None:
@@ -137,7 +139,7 @@ def check_layouts(table: LayoutTable, saved_world_size: int, what: str) -> None:
             raise Unusable(f"{what}: {shown}: the saved ranks disagree on its global shape or dtype ({sorted(map(list, shapes))})")
         (shape,) = shapes
         try:  # the whole tensor from the saved boxes: overlapping or missing parts are refused
-            plan_slice(Slice((0,) * len(shape), shape), {r: Slice(e[1], e[2]) for r, e in entries.items()}, shape, 1, f"{what}: {shown}")
+            plan_slice(Slice((0,) * len(shape), shape), {r: Slice(e[1], e[2]) for r, e in entries.items()}, shape, 1, f"{what}: {shown}", ranges=False)
         except CheckpointError as exc:
             raise Unusable(str(exc)) from None
 
@@ -217,15 +219,17 @@ class _ZeroDim:
 
 
 def _plain_payload(files: SavedFiles, saved_rank: int, layouts: LayoutTable, what: str) -> dict[str, Any]:
-    """A saved rank's unsharded state, read by range; its records' layouts go to ``layouts``."""
+    """A saved rank's unsharded state, read by range (all its tensors in one batch of coalesced spans);
+    its records' layouts go to ``layouts``."""
     files.verify(saved_rank)
     tree = saved_tree(files.index(saved_rank))
     if not isinstance(tree, dict):
         raise Unusable(f"saved rank {saved_rank}: the tree is a {type(tree).__name__}, not a dict of entries")
     tree.pop(RNG_KEY, None)
     table: dict[Path, tuple] = {}
+    wanted: list[TensorSpec] = []
 
-    def convert(node: Any, path: Path) -> Any:
+    def hold_out(node: Any, path: Path) -> Any:
         if is_record(node):
             spec = node.get("local")
             where = f"{what}: saved rank {saved_rank}, {'/'.join(map(str, path))}"
@@ -239,32 +243,53 @@ def _plain_payload(files: SavedFiles, saved_rank: int, layouts: LayoutTable, wha
             table[path] = (layout.global_shape, layout.box.offset, layout.box.size, dtype, spec.start, spec.nbytes)
             return _Sharded(dict(node), f"sharded {dtype} {list(layout.global_shape)}")
         if isinstance(node, TensorSpec):
-            tensor = _tensor(files.read(saved_rank, node.start, node.nbytes), node.dtype, node.shape)
+            wanted.append(node)
+        return _map(node, path, hold_out)
+
+    tree = hold_out(tree, ())
+    values = _read_specs(files, saved_rank, wanted)
+
+    def fill(node: Any, path: Path) -> Any:
+        if isinstance(node, TensorSpec):
+            tensor = values[(node.start, node.nbytes)]
             return _ZeroDim(float(tensor), tensor.dtype) if tensor.ndim == 0 and tensor.is_floating_point() else tensor
-        if isinstance(node, dict):
-            return {k: convert(v, (*path, k)) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            items = [convert(v, (*path, i)) for i, v in enumerate(node)]
-            return items if isinstance(node, list) else tuple(items)
-        return node
+        return _map(node, path, fill)
 
-    payload = convert(tree, ())
     layouts[saved_rank] = table
-    return payload
+    return fill(tree, ())
 
 
-def _with_records(node: Any) -> Any:
+def _map(node: Any, path: Path, fn: Any) -> Any:
+    """``node`` with ``fn(child, child_path)`` applied to each child of a dict, list or tuple; other nodes as they are."""
+    if isinstance(node, dict):
+        return {k: fn(v, (*path, k)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        items = [fn(v, (*path, i)) for i, v in enumerate(node)]
+        return items if isinstance(node, list) else tuple(items)
+    return node
+
+
+def _read_specs(files: SavedFiles, saved_rank: int, specs: list[TensorSpec]) -> dict[tuple[int, int], torch.Tensor]:
+    """The tensors of ``specs`` by ``(start, nbytes)``, read as coalesced spans in one batch."""
+    ordered = sorted((s for s in specs if s.nbytes), key=lambda s: s.start)
+    spans = coalesce([(s.start, s.nbytes) for s in ordered])
+    values = {(s.start, 0): torch.empty(s.shape, dtype=s.dtype) for s in specs if not s.nbytes}
+    it = iter(ordered)
+    for (_, _, parts), data in zip(spans, files.read_many(saved_rank, [(start, n) for start, n, _ in spans])):
+        view = memoryview(data)
+        for offset, nbytes in parts:
+            spec = next(it)
+            values[(spec.start, spec.nbytes)] = _tensor(view[offset : offset + nbytes], spec.dtype, spec.shape)
+    return values
+
+
+def _with_records(node: Any, path: Path = ()) -> Any:
     """The mean's tree with the held-out records and 0-d tensors put back."""
     if isinstance(node, _Sharded):
         return node.record
     if isinstance(node, _ZeroDim):
         return torch.tensor(node.value, dtype=node.dtype)
-    if isinstance(node, dict):
-        return {k: _with_records(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        items = [_with_records(v) for v in node]
-        return items if isinstance(node, list) else tuple(items)
-    return node
+    return _map(node, path, _with_records)
 
 
 def _tensor(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -313,9 +338,10 @@ class Resharder:
 
     def _box(self, saved_rank: int, start: int, ranges: tuple[tuple[int, int], ...], dtype: torch.dtype, size: tuple[int, ...]) -> torch.Tensor:
         """The box's values from one saved shard: its byte ranges, read as coalesced spans."""
+        spans = coalesce(ranges)
         data = bytearray()
-        for span_start, span_bytes, parts in coalesce(ranges):
-            span = memoryview(self.files.read(saved_rank, start + span_start, span_bytes))
+        for (_, _, parts), span in zip(spans, self.files.read_many(saved_rank, [(start + s, n) for s, n, _ in spans])):
+            view = memoryview(span)
             for offset, nbytes in parts:
-                data += span[offset : offset + nbytes]
+                data += view[offset : offset + nbytes]
         return _tensor(data, dtype, size)
