@@ -131,10 +131,12 @@ def batch_indices(seed: int, step: int, rank: int, world_size: int, batch_size: 
 
 
 def params_sha256(model: torch.nn.Module) -> str:
+    """Digest of the model's parameters by name; sharded (DTensor) ones as full tensors (collective then)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+        h.update(whole.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

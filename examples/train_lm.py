@@ -20,6 +20,14 @@ nats per byte (ln 256 = 5.55 is a uniform guess). Training windows come from an
 permutation per epoch, walked by the whole world one global batch at a time.
 Its position is checkpointed, so a resumed run is bit-identical and a resume
 at another world size (4 -> 2 -> 4) continues at the same global position.
+
+``--shard-size N`` shards each replica with FSDP2 instead of DDP: a
+``(world / N, N)`` device mesh, ``fully_shard`` on every block and on the model
+over its ``"shard"`` dim. Each rank trains on its own batches (FSDP2 averages
+the gradients of a replica's N ranks every step) and the averager averages each
+rank's shards with the ranks holding the same slice in the other replicas; group
+sizes still count ranks, so a level must span several replicas (a multiple of
+N ranks). Checkpoints hold each rank's shards; everything else is as above.
 """
 
 from __future__ import annotations
@@ -65,7 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after warmup, all-reduce gradients every step within blocks of this many ranks ('local': a node), "
         "below the hierarchy's lowest level; default: none (gradients stay local)",
     )
+    p.add_argument(
+        "--shard-size", type=int, default=0,
+        help="shard each replica over this many ranks with FSDP2 (a (world/N, N) mesh) instead of DDP; "
+        "default 0: every rank holds a whole replica (DDP)",
+    )
     args = p.parse_args(argv)
+    if args.shard_size < 0:
+        p.error(f"--shard-size {args.shard_size} must be a positive number of ranks (or 0 for DDP)")
+    if args.shard_size and args.gradient_group:
+        p.error("--gradient-group all-reduces DDP gradients; with --shard-size FSDP2 already averages a replica's gradients: drop one")
     if args.width % args.heads:
         p.error(f"--width {args.width} is not divisible by --heads {args.heads}: pick a width that is a multiple of the heads")
     if args.val_file_every < 2:
@@ -279,6 +296,20 @@ def gradient_group(spec: str, info) -> dist.ProcessGroup | None:
     return dist.new_subgroups(size)[0]
 
 
+def shard(model: TinyGPT, shard_size: int, info, device: torch.device) -> TinyGPT:
+    """``--shard-size``: FSDP2 over the ``"shard"`` dim of a ``(world / N, N)`` mesh, block by block. Collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if info.world_size % shard_size:
+        raise SystemExit(f"--shard-size {shard_size} does not divide the world size {info.world_size}: use a divisor")
+    mesh = init_device_mesh(device.type, (info.world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info, device = init_worker(args.collective_timeout)
@@ -286,14 +317,18 @@ def main(argv: list[str] | None = None) -> None:
     corpus = load_corpus(args.corpus_bytes, args.val_file_every)
     held_out = val_windows(corpus.val, args.val_windows, args.context)
     model = build_model(args, device)
-    ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    if args.shard_size:
+        ddp = model = shard(model, args.shard_size, info, device)  # FSDP2 averages a replica's gradients
+    else:
+        ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
     averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
-    hook = attach_post_local_sgd(ddp, averager, subgroup=gradient_group(args.gradient_group, info))
     manager = checkpoint_manager(args)
     sampler = window_sampler(corpus.train, args.context, args.batch_size, args.seed, info.rank, info.world_size)
-    state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook, "data": sampler}
+    # DDP stops all-reducing gradients after warmup (the hook, checkpointed); FSDP2 keeps averaging a replica's.
+    hooks = {} if args.shard_size else {"post_local_sgd": attach_post_local_sgd(ddp, averager, subgroup=gradient_group(args.gradient_group, info))}
+    state = {"model": model, "optimizer": optimizer, "averager": averager, **hooks, "data": sampler}
     resumed = resume(manager, state, averager, seed=args.seed)  # per-rank RNG after a fresh start or a world change
     announce(
         info, resumed, averager, corpus_sha256=corpus.sha256, corpus_files=corpus.files, val_files=corpus.val_files,
