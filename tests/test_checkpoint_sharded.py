@@ -347,3 +347,27 @@ def test_checkpoint_manager_resumes_sharded_state_exactly_or_resharded(saved):
     for result in resharded:
         assert result["step"] == STEP
         _assert_equal(result["full"], expected)
+
+
+def _unsharded_save_worker(rank: int, world_size: int, url: str) -> dict:
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+
+    model = _plain_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, optimizer, STEP, rank)
+    with CheckpointManager(url) as manager:
+        manager.save(STEP, {"model": model, "optimizer": optimizer})
+    full = {}
+    for name, p in model.named_parameters():
+        full[name] = p.detach().clone()
+        full.update({f"{name}.{k}": v.clone() for k, v in optimizer.state[p].items()})
+    return {"full": _lists(full)}
+
+
+def test_an_unsharded_checkpoint_loads_into_an_fsdp2_model_as_the_mean_of_replicas(tmp_path):
+    url = str(tmp_path / "ddp")
+    before = run_workers(_unsharded_save_worker, 4, url)
+    after = run_workers(_manager_load_worker, 2, url, 1, 2)
+    _assert_equal(after[0]["full"], _mean_of_replicas(before, [0, 1, 2, 3]))

@@ -117,13 +117,18 @@ class FetchedFiles:
         self._fetch = reader.fetch
         self.bytes_read = 0
         self._files: dict[int, tuple[RankIndex, list[int], list[Any]]] = {}
+        self._payloads: dict[int, dict[str, Any]] = {}
 
     def fetch(self, saved_rank: int) -> dict[str, Any]:
-        return self._fetch(saved_rank)
+        """The payload, fetched once: an exact resume reads its own file after its index."""
+        self._files.pop(saved_rank, None)
+        payload = self._payloads.pop(saved_rank, None)
+        return payload if payload is not None else self._fetch(saved_rank)
 
     def _file(self, saved_rank: int) -> tuple[RankIndex, list[int], list[Any]]:
         if saved_rank not in self._files:
-            chunks = fileformat.encode(self._fetch(saved_rank))  # views of the fetched tensors: no copy
+            self._payloads[saved_rank] = payload = self._fetch(saved_rank)
+            chunks = fileformat.encode(payload)  # views of the fetched tensors: no copy
             header, data_start = fileformat.read_header(chunks[0])
             tensors = {}
             for name, entry in header.items():
