@@ -90,7 +90,9 @@ class ReplicaGroups:
         manager.wait_quorum()
         healing = bool(getattr(manager, "_healing", False))
         size = dist.get_world_size(group)
-        self._note_quorum(step, size)
+        # The replica group's size (the default group's): with sharded parameters `group` is only
+        # the ranks holding this rank's slice, while torchft numbers ranks by the whole group.
+        self._note_quorum(step, dist.get_world_size())
 
         staged = []
         works = []
