@@ -138,3 +138,34 @@ def keeps_outer_state(saved: tuple[str, int] | None, live: str, world_size: int,
         "another shard layout" if layout != live else "another world size", layout, saved_world, live, world_size,
     )
     anchors.state = AnchorState()
+
+
+def other_layout_in(live: Mapping[str, Any], payload: Mapping[str, Any]) -> str | None:
+    """Before a peer's state is loaded (a torchft heal): why it does not fit, ``None`` if it does.
+
+    ``live`` is the training state (its averager's ``state_dict()`` holds the
+    ``"shard_layout"`` of the parameters it averages), ``payload`` the peer's
+    captured state. Checked before anything is loaded, the model's shards first
+    of all: rank ``r`` takes rank ``r``'s shards, which must be the same slices.
+
+    >>> class Averager:
+    ...     def state_dict(self):
+    ...         return {"step": 3, "shard_layout": "ab12"}
+    >>> other_layout_in({"averager": Averager()}, {"averager": {"shard_layout": "ab12"}}) is None
+    True
+    >>> other_layout_in({"averager": Averager()}, {"averager": {"shard_layout": "cd34"}}).split(":")[0]
+    "entry 'averager' was saved by a replica group that shards the model otherwise (shard layout cd34, here ab12)"
+    """
+    for name, saved in payload.items():
+        obj = live.get(name)
+        if not isinstance(saved, Mapping) or "shard_layout" not in saved or not callable(getattr(obj, "state_dict", None)):
+            continue
+        mine = obj.state_dict().get("shard_layout")  # only the averager's state has the key
+        if mine is not None and mine != saved["shard_layout"]:
+            return (
+                f"entry {name!r} was saved by a replica group that shards the model otherwise (shard layout "
+                f"{saved['shard_layout']}, here {mine}): every replica group must shard the model the same way (the "
+                "same shard mesh size, fully_shard calls and placements), so that rank r of every group holds the "
+                "same slices; restart this group with the other groups' --shard-size."
+            )
+    return None

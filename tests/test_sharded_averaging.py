@@ -277,3 +277,47 @@ def test_outer_state_of_sharded_parameters_resumes_only_at_the_same_layout_and_w
         assert (anchors.state.pending is not None) == kept, (saved, world)
         assert anchors.state.started == kept
     assert "another world size" in caplog.text and "another shard layout" in caplog.text
+
+
+# -- pure: the slice groups of each level, and a heal's layout check ---------------
+
+
+def test_slice_groups_of_each_level_follow_the_mesh():
+    from elastic_hsgd.hierarchy import Level
+    from elastic_hsgd.sharding import Mesh
+    from elastic_hsgd.topology import plan_slices
+
+    fsdp = [("Replicate()", "Shard(0)")]
+    mesh = Mesh.from_ranks([[0, 1], [2, 3], [4, 5], [6, 7]], ("replicate", "shard"))
+    plan = plan_slices(mesh, fsdp, [Level(1, 2), Level(2, 4), Level(4, 8)], list(range(8)))
+    assert plan.single == (1,) and plan.position == (0, 1) * 4
+    assert dict(plan.groups)[2] == ((0, 2), (1, 3), (4, 6), (5, 7))
+    assert dict(plan.groups)[4] == ((0, 2, 4, 6), (1, 3, 5, 7))
+    # The averager's group as global ranks 10..17: the plan is in its group ranks.
+    shifted = Mesh(mesh.shape, tuple(r + 10 for r in mesh.ranks), mesh.dims)
+    assert plan_slices(shifted, fsdp, [Level(4, 8)], list(range(10, 18))).groups == ((4, dict(plan.groups)[4]),)
+    # A "replicas" top level over one replica per group is no no-op: each rank is its own slice group.
+    one = Mesh.from_ranks([[0, 1]], ("replicate", "shard"))
+    across = plan_slices(one, fsdp, [Level(8, 2)], [0, 1], across_groups=8)
+    assert across.single == () and across.groups == ((8, ((0,), (1,))),)
+    with pytest.raises(ValueError, match=r"level 0 \(period 1, group size 1\).*splits the replica"):
+        plan_slices(mesh, fsdp, [Level(1, 1), Level(4, 8)], list(range(8)))
+    with pytest.raises(ValueError, match=r"ranks \[6, 7\] are not in the averager's process group"):
+        plan_slices(mesh, fsdp, [Level(4, 6)], list(range(6)))
+
+
+def test_a_heal_from_a_group_sharded_otherwise_is_refused_before_loading():
+    from elastic_hsgd.averager_state import other_layout_in
+
+    class Live:
+        def __init__(self, layout):
+            self.layout = layout
+
+        def state_dict(self):
+            return {"step": 4} if self.layout is None else {"step": 4, "shard_layout": self.layout}
+
+    live = {"model": object(), "averager": Live("ab12")}
+    assert other_layout_in(live, {"model": {}, "averager": {"shard_layout": "ab12"}}) is None
+    assert other_layout_in({"averager": Live(None)}, {"averager": {"shard_layout": "ab12"}}) is None  # not sharded here
+    message = other_layout_in(live, {"model": {}, "averager": {"step": 4, "shard_layout": "cd34"}})
+    assert "shards the model otherwise (shard layout cd34, here ab12)" in message and "--shard-size" in message
