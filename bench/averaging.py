@@ -19,6 +19,11 @@ least any anchored level must do: one pass reading anchor and parameters, one
 writing the parameters), an fp32 level with an outer Nesterov step, both, and an
 int8 level (per-row scales: a quarter of the bytes plus one fp32 scale per 256).
 
+The ``sharded world`` row is the same model sharded with FSDP2 over pairs of
+ranks (a ``(world / 2, 2)`` mesh): (c) averages each rank's local shards with the
+ranks holding the same slice, (a) is a bare all_reduce of the same shard bytes
+over that same group (goal c/a <= 1.10), and there is no torch counterpart.
+
 Prints median milliseconds per call and the ratios c/a and c/b.
 
 On one machine the "link" is loopback, where a transfer is a memory copy on the
@@ -61,6 +66,17 @@ def make_model(n_params: int) -> torch.nn.Module:
     return model
 
 
+def shard_model(model: torch.nn.Module, world_size: int) -> torch.nn.Module:
+    """FSDP2 over the ``"shard"`` dim of a ``(world / 2, 2)`` mesh, layer by layer (the ``sharded world`` row)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("replicate", "shard"))
+    for layer in model:
+        fully_shard(layer, mesh=mesh["shard"])
+    return fully_shard(model, mesh=mesh["shard"])
+
+
 def time_call(fn, group) -> float:
     dist.barrier(group)
     start = time.perf_counter()
@@ -69,8 +85,8 @@ def time_call(fn, group) -> float:
 
 
 def storage_pointers(model: torch.nn.Module, averager: HierarchicalModelAverager) -> list[int]:
-    """Where the parameters and every buffer the averager keeps live (anchors, deltas, wire)."""
-    tensors = list(model.parameters()) + list(averager._deltas)
+    """Where the parameters (local shards of DTensors) and every buffer the averager keeps live (anchors, deltas, wire)."""
+    tensors = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()] + list(averager._deltas)
     tensors += [a for lv in averager._anchored for a in lv.anchors]
     tensors += [t for lv in averager._anchored if lv.optimizer for s in lv.optimizer.state.values() for t in s.values()]
     tensors += [t for wire in averager._wire.values() for t in wire.tensors()]
@@ -141,17 +157,26 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
         "outer step": (OrderedDict([(1, world_size)]), {"outer_optimizers": {1: nesterov}}),
         "outer + bf16": (OrderedDict([(1, world_size)]), {"outer_optimizers": {1: nesterov}, "comm_dtypes": {1: torch.bfloat16}}),
         "int8 level": (OrderedDict([(1, world_size)]), {"comm_dtypes": {1: torch.int8}}),
+        # FSDP2 over pairs of ranks: each rank averages its shards with the ranks holding the same slice.
+        "sharded world": (OrderedDict([(1, world_size)]), {"sharded": True}),
     }
     results = {}
     for name, (hierarchy, options) in cases.items():
+        sharded = bool(options.pop("sharded", False))
+        if sharded and world_size % 2:
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            theirs = TorchAverager(hierarchy, warmup_steps=0) if not options else None
+            theirs = TorchAverager(hierarchy, warmup_steps=0) if not options and not sharded else None
             ours = HierarchicalModelAverager(hierarchy, warmup_steps=0, **options)
         ours.step = 1  # skip step 0, which the top level would take
         group = ours.period_process_group_dict[1]
         model_ours = make_model(args.params)
-        n = sum(p.numel() for p in model_ours.parameters())
+        if sharded:
+            model_ours = shard_model(model_ours, world_size)
+            ours.average_parameters(model_ours.parameters())  # makes the slice groups and flattens the shards
+            group = ours._slices.group(1)  # the ranks holding this rank's slice
+        n = sum(p.to_local().numel() if sharded else p.numel() for p in model_ours.parameters())
         floor_buffer = torch.randn(n) * 0.03
         timings: dict[str, list[float]] = {"a": [], "b": [], "c": []}
         calls = {
@@ -184,7 +209,7 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
     if rank == 0:
         print(f"world size {world_size}, gloo on CPU, {args.iters} interleaved calls each, median ms per call")
         print(f"{'step':<15}{'params':>12}{'(a) floor':>12}{'(b) torch':>12}{'(c) ours':>12}{'c/a':>8}{'c/b':>8}")
-        for name, (m, n, _) in results.items():
+        for name, (m, n, _) in results.items():  # sharded world: n is one rank's shard
             print(f"{name:<15}{n:>12,}{m['a']:>12.2f}{m['b']:>12.2f}{m['c']:>12.2f}{m['c'] / m['a']:>8.2f}{m['c'] / m['b']:>8.2f}")
         m = results["bf16 level"][0]
         print(f"bf16 level: its two bf16 all_to_alls alone take {m['b']:.2f} ms = {m['b'] / m['a']:.2f}x (a) (shown as (b) in its row)")
