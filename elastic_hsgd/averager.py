@@ -101,6 +101,15 @@ class HierarchicalModelAverager(ModelAverager):
     shared pseudo-gradient buffer (and, for a comm dtype, wire buffers of the
     parameters' size in that dtype).
 
+    Sharded parameters (FSDP2, HSDP, tensor parallel DTensors, ``Shard``/``Replicate``
+    placements): each rank averages its local shards, kept in flat buffers, with the
+    ranks of its level's block that hold the same slice in the other replicas; group
+    sizes still count ranks, and each level must group whole replicas (a ``ValueError``
+    on every rank otherwise; a level of single replicas warns once and does nothing).
+    E.g. ``fully_shard(model, mesh=init_device_mesh("cuda", (world // 8, 8),
+    mesh_dim_names=("replicate", "shard"))["shard"])`` with ``{16: "world"}``; see
+    ``docs/averager.md``.
+
     Example::
 
         >>> # xdoctest: +SKIP("needs torchrun")

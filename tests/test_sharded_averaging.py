@@ -84,6 +84,13 @@ def _equivalence_worker(rank: int, world_size: int, hsdp: bool) -> dict:
             other = [torch.empty_like(full) for _ in range(world_size)]
             torch.distributed.all_gather(other, full)
             apart = max(apart, (other[0] - other[2]).abs().max().item())
+        # synchronize: the world's plain mean, the same as the unsharded run's and on every replica.
+        for model, averager in zip((plain, sharded), averagers):
+            averager.synchronize(model.parameters())
+        synced = torch.cat([b.full_tensor().detach().reshape(-1) for b in sharded.parameters()])
+        gathered = [torch.empty_like(synced) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, synced)
+        synchronized = max((a.detach() - b.full_tensor().detach()).abs().max().item() for a, b in zip(plain.parameters(), sharded.parameters()))
         buffers = averagers[1]._flat._shards._buffers
         local = sharded[0].weight.to_local()
         out[name] = {
@@ -93,6 +100,8 @@ def _equivalence_worker(rank: int, world_size: int, hsdp: bool) -> dict:
             "moved once": sum(a != b for a, b in zip(pointers, pointers[1:])) == 1,
             "in the flat buffer": any(b.untyped_storage().data_ptr() == local.untyped_storage().data_ptr() for b in buffers),
             "buffer elements": sum(b.numel() for b in buffers),
+            "synchronized": synchronized,
+            "replicas equal": all(torch.equal(g, gathered[0]) for g in gathered),
             "placements": [str(p.placements) for p in sharded.parameters()][:1],
         }
     return out
@@ -106,6 +115,7 @@ def test_sharded_averaging_equals_the_unsharded_run_after_every_step(hsdp):
             got = result[name]
             assert got["worst"] <= tolerance, (name, rank, got)
             assert got["moved once"] and got["in the flat buffer"], (name, rank, got)
+            assert got["synchronized"] <= tolerance and got["replicas equal"], (name, rank, got)
             if not hsdp:
                 assert got["apart"] > 1e-4, (name, rank, got)  # local steps differ between replicas
         # 1/shard of the model per rank: FSDP2's padded shards (13x5+13 -> 7 rows; 13+13 -> 7; 3x13+3 -> 2 rows).
