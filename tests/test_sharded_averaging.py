@@ -331,3 +331,42 @@ def test_a_heal_from_a_group_sharded_otherwise_is_refused_before_loading():
     assert other_layout_in({"averager": Live(None)}, {"averager": {"shard_layout": "ab12"}}) is None  # not sharded here
     message = other_layout_in(live, {"model": {}, "averager": {"step": 4, "shard_layout": "cd34"}})
     assert "shards the model otherwise (shard layout cd34, here ab12)" in message and "--shard-size" in message
+
+
+# -- through CheckpointManager: exact resume keeps the outer state, another layout drops it --------
+
+
+def _checkpoint_worker(rank: int, world_size: int, url: str, shape: tuple, steps: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("elastic_hsgd.averager_state").addHandler(handler)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    model = _shard(_model(), mesh["shard"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    averager = HierarchicalModelAverager({4: "world"}, warmup_steps=2, outer_optimizers={4: NESTEROV})
+    state = {"model": model, "optimizer": opt, "averager": averager}
+    manager = CheckpointManager(url, keep=3)
+    start = manager.load_latest(state) or 0
+    for step in range(start, steps):
+        model(torch.randn(4, 5, generator=torch.Generator().manual_seed(100 * rank + step))).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        averager.average_parameters(model.parameters())
+    manager.save(steps, state)
+    manager.close()
+    return {"start": start, "step": averager.step, "dropped": any("dropped" in m for m in records), "agreed": averager._anchors.state.started}
+
+
+def test_outer_state_resumes_through_the_checkpoint_manager_exactly_or_restarts_at_another_layout(tmp_path):
+    url = str(tmp_path / "ckpt")
+    first = run_workers(_checkpoint_worker, WORLD, url, (2, 2), 9, deadline_s=300)
+    same = run_workers(_checkpoint_worker, WORLD, url, (2, 2), 13, deadline_s=300)
+    resharded = run_workers(_checkpoint_worker, WORLD, url, (4, 1), 17, deadline_s=300)
+    assert all(r["start"] == 0 and r["step"] == 9 for r in first)
+    assert all(r["start"] == 9 and r["step"] == 13 and not r["dropped"] and r["agreed"] for r in same)
+    assert all(r["start"] == 13 and r["step"] == 17 and r["dropped"] and r["agreed"] for r in resharded)
