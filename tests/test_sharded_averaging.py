@@ -370,3 +370,33 @@ def test_outer_state_resumes_through_the_checkpoint_manager_exactly_or_restarts_
     assert all(r["start"] == 0 and r["step"] == 9 for r in first)
     assert all(r["start"] == 9 and r["step"] == 13 and not r["dropped"] and r["agreed"] for r in same)
     assert all(r["start"] == 13 and r["step"] == 17 and r["dropped"] and r["agreed"] for r in resharded)
+
+
+# -- tensor parallel placements: Shard(1) and Replicate() side by side ----------------
+
+
+def _tensor_parallel_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from elastic_hsgd import HierarchicalModelAverager
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "tp"))
+    replica, _ = divmod(rank, 2)
+    torch.manual_seed(0)
+    whole = [torch.randn(4, 5), torch.randn(3)]  # columns 3 + 2 over the tp dim; a replicated bias
+    placements = [[Replicate(), Shard(1)], [Replicate(), Replicate()]]
+    params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, p)) for t, p in zip(whole, placements)]
+    noise = [torch.randn(t.shape, generator=torch.Generator().manual_seed(replica)) for t in whole]
+    with torch.no_grad():
+        for p, n, where in zip(params, noise, placements):
+            local = p.to_local()
+            local.add_(torch.chunk(n, 2, dim=1)[rank % 2] if isinstance(where[1], Shard) else n)
+    averager = HierarchicalModelAverager({1: "world"})
+    averager.average_parameters(params)
+    expected = [t + (torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) + torch.randn(t.shape, generator=torch.Generator().manual_seed(1))) / 2 for t in whole]
+    return max((p.full_tensor() - e).abs().max().item() for p, e in zip(params, expected))
+
+
+def test_tensor_parallel_placements_average_slice_by_slice():
+    assert max(run_workers(_tensor_parallel_worker, WORLD, deadline_s=300)) <= 1e-6
