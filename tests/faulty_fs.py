@@ -8,6 +8,7 @@ protocol, so ``faultyfile:///tmp/x`` is the absolute path ``/tmp/x``.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -41,6 +42,16 @@ class FaultyLocalFileSystem(LocalFileSystem):
 
 BLOCK_MATCH_ENV = "ELASTIC_HSGD_TEST_BLOCK_MATCH"
 BLOCK_MARKER_ENV = "ELASTIC_HSGD_TEST_BLOCK_MARKER"
+#: With it, only a rank file (``step_N/rank_*``) of a step N at least this one parks.
+BLOCK_FROM_STEP_ENV = "ELASTIC_HSGD_TEST_BLOCK_FROM_STEP"
+
+
+def _from_step(path: str) -> bool:
+    least = os.environ.get(BLOCK_FROM_STEP_ENV)
+    if not least:
+        return True
+    found = re.search(r"step_(\d{12})/rank_", path)
+    return found is not None and int(found.group(1)) >= int(least)
 
 
 class _BlockingOpener(LocalFileOpener):
@@ -63,7 +74,8 @@ class _BlockingOpener(LocalFileOpener):
 
 
 class BlockingLocalFileSystem(LocalFileSystem):
-    """Blocks mid-write in the first written file whose path contains ``$ELASTIC_HSGD_TEST_BLOCK_MATCH``.
+    """Blocks mid-write in the first written file whose path contains ``$ELASTIC_HSGD_TEST_BLOCK_MATCH``
+    (and, with ``$ELASTIC_HSGD_TEST_BLOCK_FROM_STEP``, is a rank file of a step at least that one).
 
     The file is then half written and the process parked: a kill lands
     mid-save for certain. Only once per marker: once the marker exists
@@ -75,7 +87,7 @@ class BlockingLocalFileSystem(LocalFileSystem):
     def _open(self, path, mode="rb", block_size=None, **kwargs):
         path = self._strip_protocol(path)
         match, marker = os.environ.get(BLOCK_MATCH_ENV), os.environ.get(BLOCK_MARKER_ENV)
-        if "w" in mode and match and marker and match in path and not os.path.exists(marker):
+        if "w" in mode and match and marker and match in path and _from_step(path) and not os.path.exists(marker):
             self.makedirs(self._parent(path), exist_ok=True)
             return _BlockingOpener(path, mode, fs=self, **kwargs)
         return super()._open(path, mode, block_size=block_size, **kwargs)

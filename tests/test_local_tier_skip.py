@@ -1,5 +1,6 @@
-"""The node-local tier never makes training wait: a due save is skipped while the previous one runs,
-and a save that would not fit its folder is skipped with a WARNING (issue 19, items 8 and 9)."""
+"""The node-local tier never makes training wait for a save: a due save is skipped while the previous one
+is written (a rank a full interval ahead of the slowest waits for it instead, so skew skips nothing), and a
+save that would not fit its folder is skipped with a WARNING (issue 19, items 8 and 9)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,40 @@ def test_a_due_local_save_is_skipped_not_waited_for_while_the_previous_one_runs(
     debug = [m for level, m in records if level == logging.DEBUG and "skipped" in m]
     assert any("step 3" in m for m in debug) and any("step 4" in m for m in debug), records
     assert any(level == logging.INFO and "skipped 2 of 5 due local saves" in m for level, m in records), records
+
+
+def _skew_worker(rank: int, world_size: int, root: str) -> dict:
+    import os
+    import time
+
+    import torch
+
+    from elastic_hsgd import CheckpointManager
+
+    os.environ["GROUP_RANK"] = str(rank)
+    manager = CheckpointManager(f"{root}/cloud", local_url=f"{root}/node{rank}", local_every=1)
+    state = {"model": torch.nn.Linear(4, 4)}
+    saved = [manager.maybe_save(1, state)]
+    manager.local.wait()
+    if rank == 1:
+        time.sleep(2.0)  # rank 1 reaches step 2 two seconds after rank 0: rank 0 is a full interval ahead
+    saved.append(manager.maybe_save(2, state))
+    if rank == 1:
+        manager.local.wait()  # rank 1 is not ahead: its save of step 2 is done before step 3
+    started = time.monotonic()
+    saved.append(manager.maybe_save(3, state))  # rank 0: its save of step 2 still waits for rank 1
+    waited = time.monotonic() - started
+    manager.local.wait()
+    outcome = {"saved": saved, "waited": waited, "committed": manager.local_committed_step, "skipped": manager.local.skipped}
+    manager.close()
+    return outcome
+
+
+def test_a_rank_a_full_interval_ahead_waits_for_the_slowest_so_skew_skips_no_save(tmp_path):
+    ahead, behind = run_workers(_skew_worker, 2, str(tmp_path), deadline_s=150)
+    for r in (ahead, behind):
+        assert r["saved"] == [("local",)] * 3 and r["committed"] == 3 and r["skipped"] == 0, r
+    assert ahead["waited"] > 1.0, ahead  # for rank 1 to reach step 2, as the next averaging step would
 
 
 def _space_worker(rank: int, world_size: int, root: str) -> dict:

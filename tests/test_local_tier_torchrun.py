@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from elastic_hsgd.checkpoint.layout import parse_step_dir
 from tests.distributed import free_port
 from tests.torchrun_job import (
     Agent,
@@ -109,16 +110,18 @@ def test_node_lost_mid_local_save_stops_the_survivors_at_the_next_save_and_a_joi
     the rendezvous gives *it* ranks 0-1 (agents are ordered by address, then pid: a wrapped pid does this
     by chance, ``--local-addr`` here for certain), so the survivor's ranks become 2-3 on a node id of 1.
 
-    The kill lands mid-save for certain: the leaving node's first local write of step 40 parks after one
-    chunk and says so with a marker. The survivors' background save then fails in the tier's collectives,
-    and they must stop at their next save rather than train on unprotected until something of training's
-    notices (here nothing would before step 100: gradients stay local after warmup, the world level averages
-    every 100 steps, the cloud tier saves at the end). The world of 2 resumes from step 35, the newest step
-    committed everywhere (the interrupted 40 is not), from the buddy copies of the lost node's ranks.
+    The kill lands mid-save for certain: the leaving node's first local write of a step from 40 on (the
+    first such save every rank staged: a due save is skipped while the previous one is written) parks after
+    one chunk and says so with a marker. The survivors' background save then fails in the tier's
+    collectives, and they must stop as soon as that is known (within LOCAL_EVERY steps of the kill) rather
+    than train on unprotected until something of training's notices (here nothing would before step 100:
+    gradients stay local after warmup, the world level averages every 100 steps, the cloud tier saves at
+    the end). The world of 2 resumes from the newest step committed everywhere (the interrupted one is
+    not), from the buddy copies of the lost node's ranks.
     """
-    port, steps, blocked = free_port(), 200, 40
+    port, steps, blocked_from = free_port(), 200, 40
     marker = tmp_path / "leaving-mid-save"
-    blocking = blocking_fs_env(tmp_path, f"local-leaving/step_{blocked:012d}/rank_", marker)
+    blocking = blocking_fs_env(tmp_path, "local-leaving/step_", marker, from_step=blocked_from)
 
     def args(local_url: str) -> list[str]:
         return [
@@ -138,11 +141,15 @@ def test_node_lost_mid_local_save_stops_the_survivors_at_the_next_save_and_a_joi
         leaving = Agent(torchrun("localhost"), args(f"blockingfile://{tmp_path / 'local-leaving'}"), tmp_path, "leaving", env=blocking)
         agents.append(leaving)
         host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 90, "world of 4")
-        wait_for_file(marker, leaving, 90, f"the leaving node never started its local save of step {blocked}")
+        wait_for_file(marker, leaving, 90, f"the leaving node never started a local save from step {blocked_from} on")
         assert int(marker.read_text()) in leaving.worker_pids()
         leaving.kill()
+        killed_at = time.monotonic()
+        # The parked save's folder is the leaving node's newest: later due saves wrote nothing.
+        blocked = max(s for s in (parse_step_dir(p.name) for p in (tmp_path / "local-leaving").iterdir()) if s is not None)
         shrunk = host.wait_for(lambda e: e["event"] == "resumed" and e["world_size"] == 2, 120, "world of 2")
         stopped_at = max(e["step"] for e in host.snapshot() if e["event"] == "progress" and e["world_size"] == 4)
+        committed = max(e["local_committed"] or 0 for e in host.snapshot() if e["event"] == "progress" and e["world_size"] == 4)
         host.wait_for(lambda e: e["event"] == "local_checkpoint" and (e["committed"] or 0) > shrunk["step"], 60, "a local checkpoint at world 2")
         joining = Agent(torchrun("127.0.0.1"), args(str(tmp_path / "local-joining")), tmp_path, "joining")
         agents.append(joining)
@@ -152,9 +159,10 @@ def test_node_lost_mid_local_save_stops_the_survivors_at_the_next_save_and_a_joi
     finally:
         stop_all(agents)
 
-    assert stopped_at < blocked + LOCAL_EVERY, f"survivors trained on to step {stopped_at} after their local save of {blocked} failed"
+    reached = max(blocked, step_reached_by(host, killed_at))
+    assert stopped_at < reached + LOCAL_EVERY, f"survivors trained on to step {stopped_at} after their local save of {blocked} failed"
     assert "a collective of the local tier failed" in host.stderr_tail(1_000_000)
-    assert shrunk["previous_world_size"] == 4 and shrunk["source"] == "buddy" and shrunk["step"] == blocked - LOCAL_EVERY, shrunk
+    assert shrunk["previous_world_size"] == 4 and shrunk["source"] == "buddy" and shrunk["step"] == committed < blocked, (shrunk, committed, blocked)
     assert {e["rank"] for e in host.snapshot() if e["event"] == "worker" and e["world_size"] == 4 and e["_t"] > shrunk["_t"]} == {2, 3}
     # The joining node's folder is empty and the survivor is no longer rank 0: its copies are sent over.
     assert grown["previous_world_size"] == 2 and grown["source"] == "buddy" and grown["step"] > shrunk["step"], grown

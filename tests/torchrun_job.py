@@ -279,10 +279,11 @@ def events_of_every_agent(agents: Iterable[Agent]) -> list[tuple[dict, str]]:
     return sorted(((e, agent.name) for agent in agents for e in agent.snapshot()), key=lambda pair: pair[0]["_t"])
 
 
-def blocking_fs_env(tmp_path: Path, match: str, marker: Path) -> dict[str, str]:
+def blocking_fs_env(tmp_path: Path, match: str, marker: Path, *, from_step: int | None = None) -> dict[str, str]:
     """Env for workers that register ``blockingfile://`` (see ``tests/faulty_fs.py``): the first write of a
-    file whose path contains ``match`` parks after one chunk and writes the writer's pid to ``marker``."""
-    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, SITECUSTOMIZE
+    file whose path contains ``match`` (with ``from_step``: a rank file of a step at least that one) parks
+    after one chunk and writes the writer's pid to ``marker``."""
+    from tests.faulty_fs import BLOCK_FROM_STEP_ENV, BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, SITECUSTOMIZE
 
     site = tmp_path / "site"
     site.mkdir()
@@ -290,4 +291,5 @@ def blocking_fs_env(tmp_path: Path, match: str, marker: Path) -> dict[str, str]:
     return {
         "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
         BLOCK_MATCH_ENV: match, BLOCK_MARKER_ENV: str(marker),
+        **({} if from_step is None else {BLOCK_FROM_STEP_ENV: str(from_step)}),
     }

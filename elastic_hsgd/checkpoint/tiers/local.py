@@ -18,10 +18,12 @@ once it is complete everywhere.
 Saving blocks only for the staging copy (the encoded state into a reused host
 buffer); writing, the transfer to the buddy (gloo send/recv on the tier's own
 group) and the commit run in a background thread. Training never waits for
-that thread: a save due (``maybe_save``) while the previous one still runs is
-skipped by every rank, and so is a save that would not fit a node's folder
-(its free space, ``size_limit``); :mod:`.local_gate` agrees on both in the
-save thread. Skips are counted (:attr:`LocalTier.skipped`) and logged: DEBUG
+a save: one due (``maybe_save``) while the previous one is still being
+written is skipped by every rank, and so is a save that would not fit a
+node's folder (its free space, ``size_limit``); :mod:`.local_gate` agrees on
+both in the save thread. Only a rank a full ``local_every`` steps ahead of the
+slowest (its previous save still waits for that rank to reach it) waits for
+it, as it would at the next averaging step: skew never skips saves. Skips are counted (:attr:`LocalTier.skipped`) and logged: DEBUG
 each, an INFO summary every 50 and at close, a WARNING for the first that
 lacked space.
 
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -176,6 +179,7 @@ class LocalTier:
         self._saver = BackgroundSaver("elastic-hsgd-local-ckpt")
         self._blob = bytearray()  # the staging buffer, reused while the state's size is unchanged
         self._staged = False  # a queued or running save holds _blob
+        self._agreed = threading.Event()  # set once every rank reached the staged save (its verdict is in)
         self._broken: BaseException | None = None  # a save thread's collective that failed: later saves skip the group
         self._due = 0  # saves asked for
         self._skips: Counter[str] = Counter()  # agreed skips, by kind ("busy", "space")
@@ -228,6 +232,10 @@ class LocalTier:
             raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
         if skip_if_busy:
             self.poll()
+            if self._staged and not self._agreed.is_set():
+                # The staged save still waits for a rank a full local_every steps behind: wait for
+                # it (as the next averaging step would), so skew between ranks never skips saves.
+                self.wait()
         else:
             self.wait()
         self._raise_if_lost()
@@ -248,6 +256,7 @@ class LocalTier:
             offset += chunk.nbytes
         del chunks, view
         self._staged = True
+        self._agreed.clear()
         self._saver.submit(step, self._agree_and_save, step, self._blob, entries, extra, queue=True)
         return True
 
@@ -264,6 +273,8 @@ class LocalTier:
             lead = self.node_lead
             space = (free_bytes(self.storage), held_bytes(self.storage) if self.size_limit is not None else None) if lead else (None, None)
             found = verdict(self._all_gather((step, None if blob is None else len(blob), *space)), self.nodes, self.buddies, self.size_limit)
+            if blob is not None:
+                self._agreed.set()
             if found is None:
                 self._write_copy_commit(step, blob, entries, extra)
             elif found[0] == "mismatch":
@@ -277,6 +288,7 @@ class LocalTier:
         finally:
             if blob is not None:
                 self._staged = False
+                self._agreed.set()
 
     def _skip(self, step: int, kind: str, why: str) -> None:
         self._skips[kind] += 1
