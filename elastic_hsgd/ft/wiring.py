@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..averager_state import other_layout_in
 from ..checkpoint.state import capture, restore
 from .env import HOSTNAME_ENV, lighthouse_from_env
 from .heal_client import HealRefused, ProofRefused
@@ -136,6 +137,10 @@ def make_manager(
         return capture(state, include_rng=False)
 
     def load_state_dict(payload: dict[str, Any]) -> None:
+        # Rank r loads rank r's shards: a group that shards the model otherwise is refused before anything loads.
+        misfit = other_layout_in(state, payload)
+        if misfit is not None:
+            raise HealRefused(misfit)
         restore(state, payload, restore_rng=False)
         step = _averager_step(state)
         reseed_replica_rank(base_seed, manager.current_step() if step is None else step, replica_group, rank, "healed")
