@@ -193,7 +193,7 @@ def main() -> None:
     step += 1
     manager.save(step, state)
     tiered.save_local(step, state)
-    tiered.close()
+    tiered.local.wait()
     resume_local, resume_cloud = [], []
     for repeat in range(max(3, args.repeats // 2)):
         for reader, times in ((tiered, resume_local), (manager, resume_cloud))[:: 1 if repeat % 2 else -1]:
@@ -201,6 +201,7 @@ def main() -> None:
             loaded = reader.load_latest(state)
             times.append(time.perf_counter() - start)
             assert loaded == step and reader.last_source == ("local" if reader is tiered else "cloud"), (loaded, reader.last_source)
+    tiered.close()  # a closed manager no longer loads: close both after the resumes
     manager.close()
 
     med = statistics.median

@@ -73,7 +73,7 @@ def lost_node(out: Path, tier: list[str], name: str) -> tuple:
         host.wait_for(lambda e: e["event"] == "worker", 60, "host workers")
         leaving = Agent(torchrun, args("leaving"), out, f"{name}-leaving")
         agents.append(leaving)
-        host.wait_for(lambda e: e["event"] == "started" and e["world_size"] == 4, 60, "world of 4")
+        host.wait_for(lambda e: e["event"] in ("started", "resumed") and e["world_size"] == 4, 60, "world of 4")
         return measure(host, leaving.kill)
     finally:
         stop_all(agents)
