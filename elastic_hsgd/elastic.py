@@ -306,12 +306,21 @@ def rank_seed(seed: int, step: int, rank: int) -> int:
         >>> len({rank_seed(0, 100, rank) for rank in range(8)})
         8
     """
+    return derived_seed("rank_seed", RANK_SEED_DOMAIN, seed, step, rank)
+
+
+def derived_seed(caller: str, domain: str, seed: int, step: int, rank: int, *labels: str) -> int:
+    """The first 8 bytes (big-endian) of ``sha256("{domain}/{seed}/{step}/{labels...}/{rank}")``, top bit cleared.
+
+    The one hash behind :func:`rank_seed` and :func:`elastic_hsgd.ft.replica_rank_seed`; a bad
+    ``seed``/``step``/``rank`` is a ``ValueError`` that names ``caller``.
+    """
     for name, value, minimum in (("seed", seed, None), ("step", step, 0), ("rank", rank, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
             bound = "an int" if minimum is None else f"an int >= {minimum}"
-            raise ValueError(f"rank_seed: {name}={value!r} must be {bound}.")
-    digest = hashlib.sha256(f"{RANK_SEED_DOMAIN}/{seed}/{step}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+            raise ValueError(f"{caller}: {name}={value!r} must be {bound}.")
+    text = "/".join([domain, str(seed), str(step), *labels, str(rank)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
 
 
 def seed_rank(value: int) -> None:

@@ -19,10 +19,9 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
-from ..elastic import seed_rank
+from ..elastic import derived_seed, seed_rank
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +40,7 @@ def replica_rank_seed(seed: int, step: int, replica_group: str | int, rank: int)
     group = str(int(replica_group)) if str(replica_group).isdigit() else str(replica_group)
     if not group:
         raise ValueError("replica_rank_seed: replica_group is empty; pass the group's id (e.g. --replica-group-id).")
-    for name, value, minimum in (("seed", seed, None), ("step", step, 0), ("rank", rank, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            bound = "an int" if minimum is None else f"an int >= {minimum}"
-            raise ValueError(f"replica_rank_seed: {name}={value!r} must be {bound}.")
-    digest = hashlib.sha256(f"{REPLICA_RANK_SEED_DOMAIN}/{seed}/{step}/{group}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    return derived_seed("replica_rank_seed", REPLICA_RANK_SEED_DOMAIN, seed, step, rank, group)
 
 
 def reseed_replica_rank(seed: int, step: int, replica_group: str | int, rank: int, why: str = "") -> int:
