@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import multiprocessing as mp
 import os
 import queue
@@ -95,3 +97,16 @@ def run_workers(
     if errors:
         raise AssertionError("\n".join(errors))
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def collect_package_warnings() -> list[str]:
+    """The messages of every WARNING (or worse) the package logs in this process from now on."""
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("elastic_hsgd").addHandler(Collect())
+    return warnings

@@ -102,3 +102,26 @@ SITECUSTOMIZE = (
     "import fsspec\n"
     "fsspec.register_implementation('blockingfile', 'tests.faulty_fs.BlockingLocalFileSystem', clobber=True)\n"
 )
+
+
+def sigkill_when_parked(script: str, args: list[str], marker: Path, env: dict[str, str], what: str) -> str:
+    """Run ``python -c script *args`` with this filesystem's blocking ``env``, SIGKILL it as soon as
+    ``marker`` shows the write is parked (polled with a deadline), and return what it printed."""
+    import signal
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, what
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.stdout.read()

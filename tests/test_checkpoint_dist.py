@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -250,25 +244,14 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
 
     from elastic_hsgd import CheckpointManager
     from elastic_hsgd.checkpoint.layout import step_dir_name
-    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV
+    from tests.faulty_fs import BLOCK_MARKER_ENV, BLOCK_MATCH_ENV, sigkill_when_parked
 
     url = tmp_path / "ckpt"
     marker = tmp_path / "mid-write"
     # The filesystem parks the writer after the first chunk of step 2's rank file: the kill lands mid-save.
-    env = {**os.environ, BLOCK_MATCH_ENV: f"{step_dir_name(2)}/rank_00000", BLOCK_MARKER_ENV: str(marker),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(url)], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "save of step 2 never started"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.stdout.read().split() == ["saved", "1"]
+    blocking = {BLOCK_MATCH_ENV: f"{step_dir_name(2)}/rank_00000", BLOCK_MARKER_ENV: str(marker)}
+    printed = sigkill_when_parked(KILL_SCRIPT, [str(url)], marker, blocking, "save of step 2 never started")
+    assert printed.split() == ["saved", "1"]
     partial = url / step_dir_name(2)
     assert (partial / "rank_00000.safetensors").exists() and not (partial / "COMMIT.json").exists()
     manager = CheckpointManager(str(url))

@@ -6,16 +6,10 @@ processes where it is collective (the run identity of the local tier, a refused 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
-import time
-from pathlib import Path
 
 import fsspec
 import pytest
@@ -26,24 +20,11 @@ from elastic_hsgd import CheckpointManager
 from elastic_hsgd.checkpoint import CheckpointError
 from elastic_hsgd.checkpoint.layout import COMMIT_NAME, step_dir_name
 from elastic_hsgd.checkpoint.verify import verify_step
-from tests.distributed import run_workers
+from tests.distributed import collect_package_warnings as _collect_package_warnings, run_workers
 
 
 def _state(value: float) -> dict:
     return {"weights": torch.full((4,), value)}
-
-
-def _collect_package_warnings() -> list[str]:
-    """The messages of every WARNING (or worse) the package logs in this process from now on."""
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                warnings.append(record.getMessage())
-
-    logging.getLogger("elastic_hsgd").addHandler(Collect())
-    return warnings
 
 
 # -- 19.1: a node-local folder of another run is never resumed ---------------------------------------
@@ -224,24 +205,12 @@ RESAVE_KILL_SCRIPT = textwrap.dedent(
 
 
 def test_sigkill_during_a_re_save_keeps_the_committed_step(tmp_path):
-    from tests.faulty_fs import BLOCK_MARKER_ENV
+    from tests.faulty_fs import BLOCK_MARKER_ENV, sigkill_when_parked
 
     url = tmp_path / "ckpt"
     marker = tmp_path / "mid-write"
-    env = {**os.environ, BLOCK_MARKER_ENV: str(marker),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", RESAVE_KILL_SCRIPT, str(url)], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "the re-save never started"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.stdout.read().split() == ["saved"]
+    printed = sigkill_when_parked(RESAVE_KILL_SCRIPT, [str(url)], marker, {BLOCK_MARKER_ENV: str(marker)}, "the re-save never started")
+    assert printed.split() == ["saved"]
     state = _state(0.0)
     assert CheckpointManager(str(url)).load_latest(state) == 5 and state["weights"][0].item() == 1.0
 

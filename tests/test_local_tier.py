@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 
 from elastic_hsgd.checkpoint.layout import CommitRecord, FileEntry, rank_file_name, saved_ranks_to_read
 from elastic_hsgd.checkpoint.local_tier import BUDDY, OWN, StepHolding, buddy_ranks, plan_load
-from tests.distributed import run_workers
+from tests.distributed import collect_package_warnings as _collect_package_warnings, run_workers
 
 
 def test_buddy_is_on_another_node_when_there_is_one():
@@ -78,19 +77,6 @@ def test_manager_rejects_a_local_url_without_its_cadence(tmp_path):
 
 
 # -- 4 real gloo processes, 2 per "node", each node with its own local folder ----------------------
-
-
-def _collect_package_warnings() -> list[str]:
-    """The messages of every WARNING (or worse) the package logs in this process from now on."""
-    warnings: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                warnings.append(record.getMessage())
-
-    logging.getLogger("elastic_hsgd").addHandler(Collect())
-    return warnings
 
 
 def _fallback_worker(rank: int, world_size: int, root: str) -> dict:
