@@ -26,6 +26,15 @@ over that same group (goal c/a <= 1.10), and there is no torch counterpart.
 
 Prints median milliseconds per call and the ratios c/a and c/b.
 
+``--step-time`` measures something else: the step time of a training loop with
+realistic compute (``examples/train_lm.py``'s byte-level GPT, forward, backward
+and AdamW on every rank) and an overlapped world level (``{--period: "world"}``,
+outer Nesterov, ``--comm-dtype`` on the wire, ``sync_delays={period: tau}`` for
+each ``--taus``), against the same loop with no world level at all. Variants run
+interleaved, one period at a time, each with its own model; the world level's cost
+is ``(loop with it) / (loop without it) - 1`` (goal for tau >= 2: at most 5 % at
+4 Gbit/s).
+
 On one machine the "link" is loopback, where a transfer is a memory copy on the
 same cores as everything else. ``--link-rate 4gbit`` runs the same measurement
 over a bandwidth-limited link instead: the script re-runs itself in a new network
@@ -232,6 +241,71 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> N
     dist.destroy_process_group()
 
 
+def step_time_worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
+    """``--step-time``: a training loop's seconds per step with the world level overlapped by tau steps, or absent."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import train_lm
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=300)
+    )
+    cfg = train_lm.GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=4)
+    wire = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}[args.comm_dtype]
+    nesterov = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True, foreach=True)
+    generator = torch.Generator().manual_seed(rank)
+
+    def variant(tau: int | None) -> dict:
+        torch.manual_seed(0)
+        model = train_lm.TinyGPT(cfg)
+        averager = None
+        if tau is not None:
+            options = {"outer_optimizers": {args.period: nesterov}, "comm_dtypes": {args.period: wire} if wire else {}}
+            if tau:
+                options["sync_delays"] = {args.period: tau}
+            averager = HierarchicalModelAverager({args.period: "world"}, warmup_steps=0, **options)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return {"model": model, "averager": averager, "optimizer": optimizer, "seconds": []}
+
+    def train_period(v: dict) -> None:
+        for _ in range(args.period):
+            tokens = torch.randint(0, 256, (args.batch_size, cfg.context + 1), generator=generator)
+            v["optimizer"].zero_grad(set_to_none=True)
+            train_lm.lm_loss(v["model"], tokens[:, :-1], tokens[:, 1:]).backward()
+            v["optimizer"].step()
+            if v["averager"] is not None:
+                v["averager"].average_parameters(v["model"].parameters())
+
+    names = ["no world level"] + [f"tau {tau}" for tau in args.taus]
+    variants = {"no world level": variant(None), **{f"tau {tau}": variant(tau) for tau in args.taus}}
+    for v in variants.values():  # untimed: the anchors' start at step 0, allocations, connections
+        train_period(v)
+    for _ in range(args.periods):
+        for name in names:
+            v = variants[name]
+            dist.barrier()
+            start = time.perf_counter()
+            train_period(v)
+            # Every rank's period ends before the clock stops: the slowest rank's time is the loop's.
+            done = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)
+            v["seconds"].append(done.item() / args.period)
+    n = sum(p.numel() for p in variants["no world level"]["model"].parameters())
+    if rank == 0:
+        base = statistics.median(variants["no world level"]["seconds"])
+        print(
+            f"world size {world_size}, gloo on CPU, byte-level GPT width {args.width} x {args.layers} layers ({n:,} parameters), "
+            f"batch {args.batch_size} x {args.context}; world level every {args.period} steps, outer Nesterov, "
+            f"{args.comm_dtype} wire; {args.periods} interleaved periods each, median ms per step"
+        )
+        print(f"{'loop':<16}{'ms/step':>10}{'world level cost':>18}")
+        for name in names:
+            median = statistics.median(variants[name]["seconds"])
+            cost = "" if name == names[0] else f"{(median / base - 1) * 100:+.1f} %"
+            print(f"{name:<16}{median * 1e3:>10.1f}{cost:>18}")
+    dist.destroy_process_group()
+
+
 SHAPED_LINK_ENV = "ELASTIC_HSGD_BENCH_SHAPED_LINK"
 
 
@@ -259,12 +333,24 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--link-rate", help="e.g. 4gbit: measure over a loopback shaped to this rate (root, iproute2)")
+    loop = parser.add_argument_group("--step-time: a training loop with an overlapped world level")
+    loop.add_argument("--step-time", action="store_true", help="measure step time with sync_delays instead of averaging cost")
+    loop.add_argument("--taus", type=int, nargs="+", default=[0, 1, 2, 4], help="sync delays of the world level")
+    loop.add_argument("--period", type=int, default=8, help="world level period")
+    loop.add_argument("--periods", type=int, default=6, help="timed periods per variant")
+    loop.add_argument("--comm-dtype", choices=("fp32", "bf16", "int8"), default="bf16")
+    loop.add_argument("--width", type=int, default=256)
+    loop.add_argument("--layers", type=int, default=4)
+    loop.add_argument("--context", type=int, default=64)
+    loop.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    if any(tau < 0 or tau >= args.period for tau in args.taus):
+        parser.error(f"--taus {args.taus}: every delay must be in 0 .. --period - 1 ({args.period - 1})")
     if args.link_rate:
         run_over_shaped_link(args.link_rate)
 
     port = free_port()
-    mp.spawn(worker, args=(args.world_size, port, args), nprocs=args.world_size)
+    mp.spawn(step_time_worker if args.step_time else worker, args=(args.world_size, port, args), nprocs=args.world_size)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class Row:
     averager_kwargs: Callable[[list[torch.nn.Parameter]], dict] | None = None
     hook_subgroup: int = 0
     pending: str = ""
+    shard_size: int = 0  # > 0: FSDP2 over blocks of this many ranks instead of DDP (the averager gets DTensors)
 
 
 def hierarchy_name(levels: dict) -> str:
@@ -106,16 +107,19 @@ DILOCO_TOP = 64  # 4x the top period of digits' (c)
 
 
 def outer_kwargs(
-    outer_periods: list[int], wire_dtype: bool | torch.dtype, lr: float = 0.7, momentum: float = 0.9, top: int = DILOCO_TOP
+    outer_periods: list[int], wire_dtype: bool | torch.dtype, lr: float = 0.7, momentum: float = 0.9, top: int = DILOCO_TOP,
+    delay: int = 0,
 ) -> Callable[[list], dict]:
     """Averager arguments for hierarchical DiLoCo: outer Nesterov SGD on ``outer_periods``, and level
-    ``top``'s pseudo-gradient sent in ``wire_dtype`` (``True``: bf16; ``False``: fp32)."""
+    ``top``'s pseudo-gradient sent in ``wire_dtype`` (``True``: bf16; ``False``: fp32), its sync
+    overlapped by ``delay`` steps (``sync_delays``; 0: synchronous)."""
     import functools
 
     nesterov = functools.partial(torch.optim.SGD, lr=lr, momentum=momentum, nesterov=True)
     dtype = torch.bfloat16 if wire_dtype is True else wire_dtype
     wire = {top: dtype} if dtype else {}
-    return lambda params: {"outer_optimizers": {p: nesterov for p in outer_periods}, "comm_dtypes": wire}
+    delays = {"sync_delays": {top: delay}} if delay else {}
+    return lambda params: {"outer_optimizers": {p: nesterov for p in outer_periods}, "comm_dtypes": wire, **delays}
 
 
 def diloco_rows() -> list[Row]:
@@ -152,37 +156,88 @@ def lm_rows(world: int) -> list[Row]:
         # (d) with outer steps on both averaging levels, int8 on the world level; and (f) with int8.
         Row(f"(h) hierarchical DiLoCo, 3 levels: pair gradients every step, {{4:{node}, 32:world}} outer Nesterov lr 1.0 m 0.5 on both, int8", "hierarchical", hierarchy={4: node, 32: "world"}, hook_subgroup=pair, averager_kwargs=outer_kwargs([4, 32], torch.int8, 1.0, 0.5, top=32)),
         Row(f"(i) hierarchical DiLoCo, 2 levels: node gradients ({node}) every step, {{32:world}} outer Nesterov lr 1.0 m 0.5, int8", "hierarchical", hierarchy={32: "world"}, hook_subgroup=node, averager_kwargs=outer_kwargs([32], torch.int8, 1.0, 0.5, top=32)),
+        # (d) with each pair of ranks one FSDP2 replica (--shard-size 2): FSDP2's reduce-scatter averages the pair's
+        # gradients as (d)'s hook does, and the averager averages each rank's shards with the same slice elsewhere.
+        Row(f"(j) (d) sharded: FSDP2 over pairs (--shard-size {pair}), {{4:{node}, 32:world}}", "hierarchical", hierarchy={4: node, 32: "world"}, shard_size=pair),
     ]
 
 
-class TrafficCounter:
-    """Wraps ``dist.all_reduce`` to count bytes per rank, global vs subgroup."""
+SWEEP_LRS = (0.4, 0.7, 1.0)
+SWEEP_MOMENTA = (0.5, 0.9)
+SWEEP_TOPS = (16, 32)
+SWEEP_WIRES = {"bf16": torch.bfloat16, "int8": torch.int8}
+SWEEP_DELAYS = (1, 2)
 
-    def __init__(self) -> None:
+
+def sweep_code(top: int, lr: float, momentum: float, wire: str, delay: int = 0) -> str:
+    """A swept configuration's short name, e.g. ``t32-lr0.7-m0.9-bf16`` (``-d2``: ``sync_delays`` 2)."""
+    return f"t{top}-lr{lr}-m{momentum}-{wire}" + (f"-d{delay}" if delay else "")
+
+
+def sweep_rows(world: int) -> list[Row]:
+    """``--sweep``: (f)'s hierarchical DiLoCo over the grid of issue 22, plus DDP to compare with.
+
+    Node gradients every step, ``{top: world}`` with outer Nesterov (lr, momentum) and the
+    pseudo-gradient on a bf16 or int8 wire; each point also with its sync overlapped by 1 or 2
+    steps (``sync_delays``), run only when selected with ``--codes``.
+    """
+    node = 4 if world >= 8 else 2
+    rows = [Row("[ddp] (a) DDP", "ddp")]
+    for wire, dtype in SWEEP_WIRES.items():  # bf16 first: a sweep cut short has every bf16 point
+        for top in SWEEP_TOPS:
+            for lr in SWEEP_LRS:
+                for momentum in SWEEP_MOMENTA:
+                    for delay in (0, *SWEEP_DELAYS):
+                        code = sweep_code(top, lr, momentum, wire, delay)
+                        kwargs = outer_kwargs([top], dtype, lr, momentum, top=top, delay=delay)
+                        name = f"[{code}] hierarchical DiLoCo, node gradients ({node}) every step, {{{top}:world}} outer Nesterov lr {lr} m {momentum}, {wire}"
+                        if delay:
+                            name += f", sync delay {delay}"
+                        rows.append(Row(name, "hierarchical", hierarchy={top: "world"}, hook_subgroup=node, averager_kwargs=kwargs))
+    return rows
+
+
+def row_code(row: Row) -> str:
+    """The ``[code]`` a sweep row's name starts with."""
+    return row.name[1 : row.name.index("]")]
+
+
+class TrafficCounter:
+    """Wraps ``dist.all_reduce`` to count bytes per rank, global (a group spanning nodes) vs subgroup.
+
+    A "node" is ``node`` consecutive ranks. A group is global when its ranks are on more than one
+    node: the world, or for a sharded model the ranks of every node holding this rank's slice.
+    """
+
+    def __init__(self, node: int) -> None:
         self.global_bytes = 0
         self.subgroup_bytes = 0
+        self.node = node
         self._original = dist.all_reduce
+        self._spans: dict[Any, bool] = {}
+
+    def spans_nodes(self, group) -> bool:
+        if group not in self._spans:
+            ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+            self._spans[group] = len({rank // self.node for rank in ranks}) > 1
+        return self._spans[group]
+
+    def count(self, nbytes: int, group) -> None:
+        if self.spans_nodes(group):
+            self.global_bytes += nbytes
+        else:
+            self.subgroup_bytes += nbytes
 
     def install(self) -> None:
         counter = self
 
         def counting_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-            nbytes = tensor.numel() * tensor.element_size()
-            size = dist.get_world_size(group) if group is not None else dist.get_world_size()
-            if size == dist.get_world_size():
-                counter.global_bytes += nbytes
-            else:
-                counter.subgroup_bytes += nbytes
+            counter.count(tensor.numel() * tensor.element_size(), group)
             return counter._original(tensor, op=op, group=group, async_op=async_op)
 
         def counting_all_to_all_single(output, input, *args, group=None, **kwargs):
             # Our compressed level: a reduce-scatter and an all-gather of the payload, half each.
-            nbytes = input.numel() * input.element_size() // 2
-            size = dist.get_world_size(group) if group is not None else dist.get_world_size()
-            if size == dist.get_world_size():
-                counter.global_bytes += nbytes
-            else:
-                counter.subgroup_bytes += nbytes
+            counter.count(input.numel() * input.element_size() // 2, group)
             return original_all_to_all(output, input, *args, group=group, **kwargs)
 
         original_all_to_all = dist.all_to_all_single
@@ -277,10 +332,28 @@ def build(row: Row, ddp: DistributedDataParallel, warmup: int) -> Any:
 
         ddp.register_comm_hook(PostLocalSGDState(None, None, warmup, post_local_gradient_allreduce=False), post_localSGD_hook)
         return PeriodicModelAverager(period=row.period, warmup_steps=warmup)
-    kwargs = row.averager_kwargs(list(ddp.module.parameters())) if row.averager_kwargs else {}
+    module = ddp if row.shard_size else ddp.module
+    kwargs = row.averager_kwargs(list(module.parameters())) if row.averager_kwargs else {}
     averager = HierarchicalModelAverager(row.hierarchy, warmup_steps=warmup, **kwargs)
-    attach_post_local_sgd(ddp, averager, subgroup=hook_subgroup(row.hook_subgroup) if row.hook_subgroup else None)
+    if not row.shard_size:  # FSDP2 reduces a replica's gradients itself
+        attach_post_local_sgd(ddp, averager, subgroup=hook_subgroup(row.hook_subgroup) if row.hook_subgroup else None)
     return averager
+
+
+_MESHES: dict[int, Any] = {}
+
+
+def shard(model: torch.nn.Module, shard_size: int) -> torch.nn.Module:
+    """FSDP2 over the ``"shard"`` dim of a ``(world / N, N)`` mesh, block by block, as ``train_lm.py --shard-size`` does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if shard_size not in _MESHES:  # made once (collectively) and reused
+        _MESHES[shard_size] = init_device_mesh("cpu", (dist.get_world_size() // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    mesh = _MESHES[shard_size]["shard"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 _SUBGROUPS: dict[int, dist.ProcessGroup] = {}
@@ -323,7 +396,7 @@ def run_one(task, row: Row, seed: int, args: argparse.Namespace, counter: Traffi
     if row.kind == "torchft":
         return run_torchft(task, row, seed, args, rank, world)
     model = task.model(seed)
-    ddp = DistributedDataParallel(model)
+    ddp = shard(model, row.shard_size) if row.shard_size else DistributedDataParallel(model)
     optimizer = task.optimizer(ddp.parameters())
     averager = build(row, ddp, args.warmup)
     clip = getattr(task, "clip", None)
@@ -341,14 +414,25 @@ def run_one(task, row: Row, seed: int, args: argparse.Namespace, counter: Traffi
         if averager is not None:
             averager.average_parameters(ddp.parameters())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            curve.append((step + 1, counter.global_bytes, task.evaluate(model) if rank == 0 else float("nan")))
+            # A sharded model's forward is collective: every rank of a replica takes part.
+            evaluated = task.evaluate(model) if rank == 0 or row.shard_size else float("nan")
+            curve.append((step + 1, counter.global_bytes, evaluated if rank == 0 else float("nan")))
     wall = time.perf_counter() - start
     return {"name": row.name, "seed": seed, "metric": curve[-1][2], "global_bytes": counter.global_bytes, "subgroup_bytes": counter.subgroup_bytes, "wall_s": wall, "curve": curve}
 
 
+def task_rows(args: argparse.Namespace, world: int) -> list[Row]:
+    """Every row of this invocation's table: the task's, or with ``--sweep`` the grid's."""
+    return sweep_rows(world) if args.sweep else ROWS[args.task](world)
+
+
 def selected_rows(args: argparse.Namespace, world: int) -> list[Row]:
-    """The task's rows, only those whose letter is in ``--rows`` when given."""
-    rows = ROWS[args.task](world)
+    """The rows to run: with ``--sweep`` those whose code is in ``--codes`` (default: DDP and every
+    undelayed point); else those whose letter is in ``--rows`` when given."""
+    rows = task_rows(args, world)
+    if args.sweep:
+        codes = args.codes.split(",") if args.codes else None
+        return [row for row in rows if (row_code(row) in codes if codes else "-d" not in row_code(row))]
     return [row for row in rows if args.rows is None or row.name[1] in args.rows]
 
 
@@ -361,33 +445,39 @@ def load_runs(path: Path) -> list[dict]:
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, runs_path: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=300))
-    counter = TrafficCounter()
+    counter = TrafficCounter(node=4 if world >= 8 else 2)
     counter.install()
     task = TASKS[args.task](args)
     done = {(r["seed"], r["name"]) for r in load_runs(runs_path)}  # read before any rank appends
     dist.barrier()
-    for seed in args.seeds:
-        for row in selected_rows(args, world):
-            if row.pending or (seed, row.name) in done:
-                continue
-            dist.barrier()
-            run = run_one(task, row, seed, args, counter, rank, world)
-            if rank == 0:
-                with runs_path.open("a") as f:  # one line per finished run: an interrupted bench keeps what it measured
-                    f.write(json.dumps(run) + "\n")
-                print(f"seed {seed} {row.name}: {task.metric} {run['metric']:.4f}, global {run['global_bytes'] / 1e6:.1f} MB, {run['wall_s']:.1f} s", flush=True)
+    rows = selected_rows(args, world)
+    # The sweep goes point by point (every seed of one point before the next), the table seed by seed.
+    order = [(seed, row) for row in rows for seed in args.seeds] if args.sweep else [(seed, row) for seed in args.seeds for row in rows]
+    for seed, row in order:
+        if row.pending or (seed, row.name) in done:
+            continue
+        dist.barrier()
+        run = run_one(task, row, seed, args, counter, rank, world)
+        if rank == 0:
+            with runs_path.open("a") as f:  # one line per finished run: an interrupted bench keeps what it measured
+                f.write(json.dumps(run) + "\n")
+            print(f"seed {seed} {row.name}: {task.metric} {run['metric']:.4f}, global {run['global_bytes'] / 1e6:.1f} MB, {run['wall_s']:.1f} s", flush=True)
     dist.destroy_process_group()
 
 
 def output_stem(args: argparse.Namespace) -> str:
     stem = "convergence" if args.task == "digits" else f"convergence-{args.task}"
+    stem += "-sweep" if args.sweep else ""
     default_world = 4 if args.task == "digits" else 8
     return stem if args.world_size == default_world else f"{stem}-w{args.world_size}"
 
 
 def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     task_cls = TASKS[args.task]
-    rows = ROWS[args.task](args.world_size)
+    rows = task_rows(args, args.world_size)
+    if args.sweep:  # 72 grid points: list those with runs only, and add the frontier plot
+        rows = [row for row in rows if any(r["name"] == row.name for r in runs)]
+        plot_frontier(runs, rows, args, out_dir)
     accuracy = task_cls.higher_is_better
     ddp_metric = statistics.mean(r["metric"] for r in runs if r["name"] == rows[0].name)
     ddp_bytes = statistics.mean(r["global_bytes"] for r in runs if r["name"] == rows[0].name)
@@ -463,6 +553,63 @@ def summarize(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> str:
     return table
 
 
+def plot_frontier(runs: list[dict], rows: list[Row], args: argparse.Namespace, out_dir: Path) -> None:
+    """Every swept point's mean final loss against its global bytes, the best point at each byte
+    budget joined, DDP and DDP + 2 % as lines; ``<stem>-frontier.png`` and a markdown list."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ddp = statistics.mean(r["metric"] for r in runs if r["name"] == rows[0].name)
+    points = []
+    for row in rows[1:]:
+        rs = [r for r in runs if r["name"] == row.name]
+        points.append((statistics.mean(r["global_bytes"] for r in rs) / 1e6, statistics.mean(r["metric"] for r in rs), row_code(row), len(rs)))
+    budgets: dict[float, tuple] = {}
+    for point in points:  # the best (lowest-loss) point at each byte budget
+        key = round(point[0], 1)
+        if key not in budgets or point[1] < budgets[key][1]:
+            budgets[key] = point
+    # The frontier: budgets whose best point beats every cheaper budget's (lower loss for more bytes).
+    frontier, best = [], math.inf
+    for point in sorted(budgets.values()):
+        if point[1] < best:
+            frontier.append(point)
+            best = point[1]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for wire, marker in (("bf16", "o"), ("int8", "s")):
+        xs = [p[0] for p in points if f"-{wire}" in p[2]]
+        ys = [p[1] for p in points if f"-{wire}" in p[2]]
+        ax.scatter(xs, ys, marker=marker, alpha=0.6, label=f"swept points, {wire} wire")
+    ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "k-", label="frontier: the best point at each byte budget")
+    ax.axhline(ddp, color="tab:green", linestyle="--", label="DDP")
+    ax.axhline(ddp * 1.02, color="tab:red", linestyle=":", label="DDP + 2 % (goal: below it ...)")
+    ddp_mb = statistics.mean(r["global_bytes"] for r in runs if r["name"] == rows[0].name) / 1e6
+    ax.axvline(ddp_mb / 30, color="tab:red", linestyle="-.", label="DDP's bytes / 30 (... and left of it)")
+    import matplotlib.ticker
+
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for x, y, code, _ in frontier:
+        ax.annotate(code, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("global traffic per rank (MB, log scale)")
+    ax.set_ylabel("validation loss (nats per byte)")
+    ax.set_title(f"hierarchical DiLoCo sweep, {args.world_size} workers, seeds {args.seeds}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    stem = output_stem(args)
+    fig.savefig(out_dir / f"{stem}-frontier.png", dpi=120)
+    lines = ["| byte budget (global MB) | best point | seeds | val loss | vs DDP | on the frontier |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {x:.1f} | {code} | {n} | {y:.4f} | {(y / ddp - 1) * 100:+.2f} % | {'yes' if (x, y, code, n) in frontier else 'no'} |"
+        for x, y, code, n in sorted(budgets.values())
+    ]
+    (out_dir / f"{stem}-frontier.md").write_text("\n".join(lines) + "\n")
+
+
 TASK_DEFAULTS = {
     # digits: 641 steps, so the last step (640) averages globally in every configuration.
     "digits": {"steps": 641, "warmup": 20, "batch_size": 32, "lr": 0.05, "eval_every": 40, "world_size": 4},
@@ -485,6 +632,8 @@ def main() -> None:
     parser.add_argument("--rows", help="letters of the rows to run, e.g. abcd (default: all)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs from an earlier invocation (same flags) and run the rest")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plot from the runs file")
+    parser.add_argument("--sweep", action="store_true", help="lm: the hierarchical DiLoCo grid (outer lr, momentum, top period, wire) instead of the table's rows; writes <stem>-sweep*")
+    parser.add_argument("--codes", help="with --sweep: comma-separated codes to run, e.g. ddp,t32-lr0.7-m0.9-bf16,t32-lr0.7-m0.9-bf16-d2 (default: ddp and every undelayed point)")
     lm = parser.add_argument_group("lm task")
     lm.add_argument("--context", type=int, default=64)
     lm.add_argument("--width", type=int, default=96)
@@ -493,6 +642,8 @@ def main() -> None:
     lm.add_argument("--corpus-bytes", type=int, default=2_000_000)
     lm.add_argument("--val-windows", type=int, default=128)
     args = parser.parse_args()
+    if args.sweep and args.task != "lm":
+        parser.error("--sweep is the language-model grid: add --task lm")
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -521,8 +672,9 @@ def main() -> None:
         if any(p.exitcode for p in procs):
             raise SystemExit(f"a worker failed (exit codes {[p.exitcode for p in procs]}); finished runs are in {runs_path}, rerun with --resume")
     runs = [r for r in load_runs(runs_path) if r["seed"] in args.seeds]
-    if not any(r["name"] == ROWS[args.task](args.world_size)[0].name for r in runs):
-        raise SystemExit(f"no finished {ROWS[args.task](args.world_size)[0].name} run for seeds {args.seeds} in {runs_path}: run the bench (without --summarize-only) first")
+    first = task_rows(args, args.world_size)[0].name
+    if not any(r["name"] == first for r in runs):
+        raise SystemExit(f"no finished {first} run for seeds {args.seeds} in {runs_path}: run the bench (without --summarize-only) first")
     print(summarize(runs, args, out_dir))
     print(f"\nwrote {out_dir / f'{stem}.md'} and {out_dir / f'{stem}.png'} (runs: {runs_path})")
 

@@ -102,13 +102,18 @@ def add_outer_arguments(p: argparse.ArgumentParser) -> None:
         "int8 (per-row scales) quarters them",
     )
     diloco.add_argument(
+        "--sync-delay", type=int, default=0,
+        help="overlap the top level's sync with this many training steps (sync_delays={top: N}; Streaming DiLoCo's "
+        "delay): its all-reduce runs in the background and lands N steps later; 0 (default): synchronous",
+    )
+    diloco.add_argument(
         "--anchor-device", default=None,
         help="where anchors and outer-optimizer state live, e.g. 'cpu' to keep them in pinned host memory on GPU jobs",
     )
 
 
 def averager_options(args: argparse.Namespace, periods: list[int]) -> dict[str, Any]:
-    """``outer_optimizers`` / ``comm_dtypes`` / ``anchor_device`` for the averager from those flags."""
+    """``outer_optimizers`` / ``comm_dtypes`` / ``sync_delays`` / ``anchor_device`` for the averager from those flags."""
     import functools
 
     top = max(periods)
@@ -116,11 +121,14 @@ def averager_options(args: argparse.Namespace, periods: list[int]) -> dict[str, 
     # foreach: on CPU torch defaults to its per-tensor loop, which allocates a temporary the size of
     # the anchor every Nesterov step and takes about 2.5x longer on a 10 M-parameter anchor.
     nesterov = functools.partial(torch.optim.SGD, lr=args.outer_lr, momentum=args.outer_momentum, nesterov=True, foreach=True)
-    return {
+    options = {
         "outer_optimizers": {period: nesterov for period in outer_periods},
         "comm_dtypes": {top: WIRE_DTYPES[args.comm_dtype]} if args.comm_dtype in WIRE_DTYPES else {},
         "anchor_device": args.anchor_device,
     }
+    if args.sync_delay:  # the averager checks the value (>= 0, below the top period)
+        options["sync_delays"] = {top: args.sync_delay}
+    return options
 
 
 def batch_indices(seed: int, step: int, rank: int, world_size: int, batch_size: int, n: int) -> torch.Tensor:

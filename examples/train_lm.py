@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from common import add_job_arguments, announce, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
+from common import add_job_arguments, add_outer_arguments, announce, averager_options, batch_indices, checkpoint_manager, emit, init_worker, params_sha256, parse_hierarchy, progress_bar, train_loop
 from elastic_hsgd import HierarchicalModelAverager
 from elastic_hsgd.data import ElasticSampler
 from elastic_hsgd.elastic import attach_post_local_sgd, resume
@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shard each replica over this many ranks with FSDP2 (a (world/N, N) mesh) instead of DDP; "
         "default 0: every rank holds a whole replica (DDP)",
     )
+    add_outer_arguments(p)
     args = p.parse_args(argv)
     if args.shard_size < 0:
         p.error(f"--shard-size {args.shard_size} must be a positive number of ranks (or 0 for DDP)")
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     # Built for the current world: raises here, on every rank, if the hierarchy no longer fits.
-    averager = HierarchicalModelAverager(parse_hierarchy(args.hierarchy), warmup_steps=args.warmup_steps)
+    hierarchy = parse_hierarchy(args.hierarchy)
+    averager = HierarchicalModelAverager(hierarchy, warmup_steps=args.warmup_steps, **averager_options(args, list(hierarchy)))
     manager = checkpoint_manager(args)
     sampler = window_sampler(corpus.train, args.context, args.batch_size, args.seed, info.rank, info.world_size)
     # DDP stops all-reducing gradients after warmup (the hook, checkpointed); FSDP2 keeps averaging a replica's.

@@ -84,3 +84,25 @@ def test_lm_killed_worker_resumes_to_a_bit_identical_result_and_reports_val_loss
     assert [e["step"] for e in progress] == [10, 20, 30, 40]
     # Nats per byte: below a uniform guess over 256 bytes, and it went down while training.
     assert math.isfinite(expected["val_loss"]) and expected["val_loss"] < progress[0]["val_loss"] < math.log(256)
+
+
+# TINY with hierarchical DiLoCo on the world level, its sync overlapped by 2 steps: it fires at the calls of
+# steps 8, 16, 24, 32 and lands at 10, 18, 26, 34. A checkpoint every 9 steps is saved after the calls of
+# steps 8 and 17, each with a sync in flight, so the resume must finish one it did not start.
+DELAYED = list(TINY)
+DELAYED[DELAYED.index("--checkpoint-every") + 1] = "9"
+DELAYED += ["--outer-levels", "top", "--outer-lr", "0.7", "--outer-momentum", "0.9", "--comm-dtype", "bf16", "--sync-delay", "2"]
+
+
+@pytest.mark.torchrun
+def test_lm_with_an_overlapped_sync_killed_mid_flight_resumes_bit_identical(tmp_path):
+    reference = Agent(single_node(free_port()), [*DELAYED, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference", LM_EXAMPLE)
+    expected = run_to_done(reference, DONE_DEADLINE_S)
+
+    agent = Agent(single_node(free_port()), [*DELAYED, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed", LM_EXAMPLE)
+    run = kill_worker_then_finish(agent, lambda e: e["event"] == "checkpoint" and e["step"] >= 9, "first checkpoint", done_s=DONE_DEADLINE_S)
+    assert run.resumed["world_size"] == 4 and run.resumed["previous_world_size"] == 4
+    assert run.resumed["step"] in (9, 18), f"resumed at {run.resumed['step']}: not a checkpoint taken with a sync in flight"
+    assert run.done["step"] == 40
+    assert run.done["params_sha256"] == expected["params_sha256"]
+    assert run.done["val_loss"] == expected["val_loss"]
