@@ -24,6 +24,17 @@ or a file named by ``ELASTIC_HSGD_HEAL_SECRET_FILE``). A group that
 (re)starts while others run heals from a live peer instead of reading the
 checkpoint; only the first group of the quorum writes checkpoints. Extra lines:
 ``quorum`` (number of groups taking part changed) and ``healed``.
+
+``--shard-size N`` shards each replica with FSDP2 instead of DDP, as
+``examples/train_lm.py`` does: a ``(world / N, N)`` mesh over this job's ranks
+(with replica groups, the group's own ranks), ``fully_shard`` on every linear
+layer and on the model over its ``"shard"`` dim. The averager averages each
+rank's shards with the ranks holding the same slice in the other replicas; on
+the ``replicas`` level rank ``r`` exchanges its shards with rank ``r`` of the
+other groups, and a restarted group heals shard by shard (rank ``r`` fetches
+rank ``r``'s state). Every group must use the same ``--shard-size``: a heal
+from a group sharded otherwise is refused. ``--hidden 15`` gives rows that
+shard unevenly (8 + 7).
 """
 
 from __future__ import annotations
@@ -70,7 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_outer_arguments(p)
     p.add_argument("--replica-group-id", default=os.environ.get("REPLICA_GROUP_ID"), help="fault-tolerant mode: this replica group's id (default: env REPLICA_GROUP_ID)")
     p.add_argument("--ft-timeout", type=float, default=10.0, help="fault-tolerant mode: seconds before a sync with a lost replica group fails")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--shard-size", type=int, default=0,
+        help="shard each replica over this many ranks with FSDP2 (a (world/N, N) mesh of this job's ranks) instead of DDP; "
+        "default 0: every rank holds a whole replica (DDP)",
+    )
+    args = p.parse_args(argv)
+    if args.shard_size < 0:
+        p.error(f"--shard-size {args.shard_size} must be a positive number of ranks (or 0 for DDP)")
+    return args
 
 
 def load_data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,6 +132,24 @@ def train(args, info, device, ddp, state, manager, start_step, progress, data, t
     return train_loop(args, info, state, manager, start_step, progress, train_step, metrics, top)
 
 
+def shard(model: torch.nn.Sequential, shard_size: int, info, device: torch.device) -> torch.nn.Sequential:
+    """``--shard-size``: FSDP2 over the ``"shard"`` dim of a ``(world / N, N)`` mesh, layer by layer. Collective.
+
+    With replica groups the world is the group's: each group is ``world / N`` replicas of ``N`` shards.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if info.world_size % shard_size:
+        raise SystemExit(f"--shard-size {shard_size} does not divide the world size {info.world_size}: use a divisor")
+    mesh = init_device_mesh(device.type, (info.world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info, device = init_worker(args.collective_timeout)
@@ -122,7 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     model = torch.nn.Sequential(
         torch.nn.Linear(64, args.hidden), torch.nn.ReLU(), torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU(), torch.nn.Linear(args.hidden, 10)
     ).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    if args.shard_size:
+        ddp = model = shard(model, args.shard_size, info, device)  # FSDP2 averages a replica's gradients
+    else:
+        ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     fault_tolerant = lighthouse_from_env() is not None
     top = None
@@ -137,9 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     averager = HierarchicalModelAverager(
         hierarchy, warmup_steps=args.warmup_steps, top_level=top, **averager_options(args, list(hierarchy))
     )
-    hook = attach_post_local_sgd(ddp, averager)
+    # DDP stops all-reducing gradients after warmup (the hook, checkpointed); FSDP2 keeps averaging a replica's.
+    hooks = {} if args.shard_size else {"post_local_sgd": attach_post_local_sgd(ddp, averager)}
     manager = checkpoint_manager(args)
-    state = {"model": model, "optimizer": optimizer, "averager": averager, "post_local_sgd": hook}
+    state = {"model": model, "optimizer": optimizer, "averager": averager, **hooks}
     joined = None
     if fault_tolerant:
         from elastic_hsgd.ft.wiring import join, make_manager, resume_group, sync_until_committed

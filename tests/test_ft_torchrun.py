@@ -139,3 +139,34 @@ def test_top_level_other_than_replicas_is_refused_on_every_rank(tmp_path):
     assert agent.proc.returncode != 0
     stderr = agent.stderr_tail(200_000)
     assert stderr.count("make the last level 'replicas'") >= 2, stderr[-3000:]
+
+
+def test_sharded_replica_groups_heal_a_restarted_group_shard_by_shard(tmp_path):
+    """Each group is 1 replica x 2 FSDP2 shards (15 hidden rows: 8 + 7); rank r of a restarted group heals rank r's shards."""
+    url = tmp_path / "ckpt"
+    args = [
+        *TRAIN, "--hidden", "15", "--shard-size", "2", "--outer-levels", "top", "--steps", "1000", "--checkpoint-every", "400",
+        "--step-delay", "0.04", "--checkpoint-url", str(url),
+    ]
+    job = ReplicaGroups(tmp_path)
+    try:
+        groups = job.start_all(2, args, "sharded", quorum_s=120)
+        groups[1].wait_for(lambda e: e["event"] == "progress" and e["step"] >= 24, 120, "outer steps taken")
+        groups[1].kill()
+        groups[0].wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 1, 60, "quorum of 1")
+        at_kill = max(steps_of(groups[0]))
+        generation = (url / GENERATION_FILE).read_bytes()
+        restarted = job.start(1, args, "sharded1-restarted")
+        healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
+        assert healed["source_replica"] == 0 and healed["step"] > at_kill and healed["bytes"] > 0
+        done = [g.wait_for(lambda e: e["event"] == "done", 300, "done line") for g in (groups[0], restarted)]
+    finally:
+        job.stop()
+    assert {d["step"] for d in done} == {1000}
+    # The full tensors (gathered from both shards) and rank 0's anchors and momentum agree across the groups.
+    assert len({d["params_sha256"] for d in done}) == 1, done
+    assert all(d.get("outer_sha256") for d in done) and len({d["outer_sha256"] for d in done}) == 1, done
+    _never_goes_back(groups[0])
+    assert not [e for e in restarted.snapshot() if e["event"] in ("started", "resumed")]
+    assert (url / GENERATION_FILE).read_bytes() == generation  # the restarted group read no checkpoint
+    assert Storage(str(url)).committed_steps()[-1] == 1000

@@ -127,3 +127,54 @@ def test_replicas_level_averages_each_shard_with_the_same_rank_of_the_other_grou
     # Each rank sends only its own (padded) shards across groups: 7 rows of 13 x 5 + 13 and of 13 + 13, 2 of 3 x 13 + 3.
     assert {r["cross bytes"] for r in results} == {4 * (7 * 5 + 7 + 7 + 7 + 2 * 13 + 2)}
     assert len({r["layout"] for r in results}) == 1  # both groups shard the same way
+
+
+# -- a heal from a group that shards the model otherwise: refused by the heal's own load ---------
+
+
+def _heal_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from elastic_hsgd import HierarchicalModelAverager
+    from elastic_hsgd.checkpoint import format as fileformat
+    from elastic_hsgd.checkpoint.state import capture, copy_to_cpu
+    from elastic_hsgd.ft.heal_client import HealRefused
+    from elastic_hsgd.ft.wiring import load_heal
+    from tests.test_sharded_averaging import _model, _shard
+
+    def group_state(shape: tuple[int, int], shift: float) -> dict:
+        model = _shard(_model(), init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))["shard"])
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().add_(shift)  # another group's training
+        averager = HierarchicalModelAverager({2: "world"})
+        averager.average_parameters(model.parameters())  # the first call sees the parameters: their shard layout
+        return {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "averager": averager}
+
+    def wire(state: dict) -> dict:  # what the heal transport sends: the captured state, encoded and decoded
+        return fileformat.decode(bytearray(b"".join(bytes(c) for c in fileformat.encode(copy_to_cpu(capture(state, include_rng=False))))))
+
+    def shards(state: dict) -> list[torch.Tensor]:
+        return [p.to_local().detach().clone() for p in state["model"].parameters()]
+
+    mine = group_state((1, 2), 0.0)  # 1 replica x 2 shards
+    before = shards(mine)
+    out: dict = {}
+    try:
+        load_heal(mine, wire(group_state((2, 1), 1.0)))  # a peer group of 2 replicas x 1 shard
+    except HealRefused as exc:
+        out["refused"] = str(exc)
+    out["untouched"] = all(torch.equal(a, b) for a, b in zip(before, shards(mine)))
+    peer = group_state((1, 2), 2.0)  # sharded the same way: rank r loads rank r's shards
+    load_heal(mine, wire(peer))
+    out["healed"] = all(torch.equal(a, b) for a, b in zip(shards(peer), shards(mine))) and not all(
+        torch.equal(a, b) for a, b in zip(before, shards(mine))
+    )
+    return out
+
+
+def test_a_heal_payload_sharded_otherwise_is_refused_before_anything_loads():
+    for result in run_workers(_heal_worker, 2, deadline_s=300):
+        assert "shards the model otherwise" in result.get("refused", ""), result
+        assert "--shard-size" in result["refused"]
+        assert result["untouched"] and result["healed"], result

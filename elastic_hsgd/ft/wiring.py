@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -137,11 +137,7 @@ def make_manager(
         return capture(state, include_rng=False)
 
     def load_state_dict(payload: dict[str, Any]) -> None:
-        # Rank r loads rank r's shards: a group that shards the model otherwise is refused before anything loads.
-        misfit = other_layout_in(state, payload)
-        if misfit is not None:
-            raise HealRefused(misfit)
-        restore(state, payload, restore_rng=False)
+        load_heal(state, payload)
         step = _averager_step(state)
         reseed_replica_rank(base_seed, manager.current_step() if step is None else step, replica_group, rank, "healed")
 
@@ -172,6 +168,24 @@ def make_manager(
     top.attach(manager, transport)
     logger.info("heal transport at %s, payloads up to %.1f MB", transport.metadata(), limit / 1e6)
     return top
+
+
+def load_heal(state: MutableMapping[str, Any], payload: Mapping[str, Any]) -> None:
+    """Load a peer's captured state into ``state``: what a heal does on each rank (not the RNG state).
+
+    Rank ``r`` loads rank ``r``'s shards, so a payload from a group that shards
+    the model otherwise (another ``"shard_layout"`` in its averager state) is
+    refused with :class:`~.heal_client.HealRefused` before anything loads.
+
+    >>> # xdoctest: +SKIP("needs the payload of a peer sharded otherwise")
+    >>> load_heal(state, payload)
+    Traceback (most recent call last):
+    HealRefused: entry 'averager' was saved by a replica group that shards the model otherwise ...
+    """
+    misfit = other_layout_in(state, payload)
+    if misfit is not None:
+        raise HealRefused(misfit)
+    restore(state, payload, restore_rng=False)
 
 
 @dataclass(frozen=True)
