@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 #: Version of :meth:`HierarchicalModelAverager.state_dict`'s format.
 STATE_FORMAT = 1
+#: Set in a loaded ``"outer"`` entry of sharded parameters whose anchors and outer-optimizer state are already
+#: the mean of the saved replicas of this rank's slices (:mod:`elastic_hsgd.checkpoint.sharded_outer`).
+OUTER_RESLICED = "resliced"
 
 
 def capture(
@@ -119,23 +122,38 @@ def keeps_outer_state(saved: tuple[str, int] | None, live: str, world_size: int,
 
     ``saved``: the loaded state's shard layout digest and world size (``None``:
     nothing loaded, or saved before the parameters were seen). The anchors and
-    outer-optimizer state of a sharded model are each rank's own slices, which
-    a checkpoint resumes exactly only at the same world size and layout: at
-    another (resharded, or the mean of another number of replicas) every rank
-    drops them and the anchors start again from the loaded parameters. The
-    same decision on every rank: its inputs are the same everywhere.
+    outer-optimizer state of a sharded model are each rank's own slices. They
+    are kept at the same layout and world size (an exact resume), and at the
+    same layout with another number of replicas when the checkpoint loader
+    made them the mean of the saved replicas of this rank's slices (marked
+    :data:`OUTER_RESLICED`). At another shard layout every rank drops them and
+    the anchors start again from the loaded parameters. The same decision on
+    every rank: its inputs are the same everywhere.
+
+    Example::
+
+        >>> from elastic_hsgd.levels.anchors import Agreement, AnchorState
+        >>> class Anchors:
+        ...     levels = ["a level"]
+        ...     state = AnchorState(Agreement.STALE, pending={"started": True, OUTER_RESLICED: True})
+        >>> keeps_outer_state(("ab12", 4), "ab12", 2, Anchors)   # 2 x 2 saved, 1 x 2 now: kept
+        >>> Anchors.state.pending is not None
+        True
     """
     if saved is None or not anchors.levels or anchors.state.pending is None:
         return
     layout, saved_world = saved
-    if layout == live and saved_world == world_size:
+    if layout == live and (saved_world == world_size or anchors.state.pending.get(OUTER_RESLICED)):
         return
+    if layout == live:
+        why = "another world size, and it was not loaded slice by slice (not through a sharded checkpoint load)"
+    else:
+        why = "another shard layout, which the outer state is not resharded to"
     logger.warning(
         "the checkpoint's averager state was saved with %s (shard layout %s, world size %d; now %s, %d): its anchors "
-        "and outer-optimizer state hold each rank's own slices, which only resume at the same layout and world "
-        "size, so they are dropped and the anchors start again from the loaded parameters at the next call at or "
-        "after warmup.",
-        "another shard layout" if layout != live else "another world size", layout, saved_world, live, world_size,
+        "and outer-optimizer state hold each rank's own slices, which resume only at the same layout, so they are "
+        "dropped and the anchors start again from the loaded parameters at the next call at or after warmup.",
+        why, layout, saved_world, live, world_size,
     )
     anchors.state = AnchorState()
 

@@ -400,3 +400,64 @@ def _tensor_parallel_worker(rank: int, world_size: int) -> dict:
 
 def test_tensor_parallel_placements_average_slice_by_slice():
     assert max(run_workers(_tensor_parallel_worker, WORLD, deadline_s=300)) <= 1e-6
+
+
+# -- outer state at another number of replicas: the mean of the saved replicas, slice by slice ------------
+
+
+def _outer_tensors(averager) -> list:
+    """The anchors and outer momentum (live references), in a fixed order."""
+    outer = averager.state_dict()["outer"]
+    anchors = [a for period in sorted(outer["anchors"]) for a in outer["anchors"][period]]
+    momenta = [s["momentum_buffer"] for period in sorted(outer["optimizers"]) for _, s in sorted(outer["optimizers"][period]["state"].items())]
+    return anchors + momenta
+
+
+def _replicas_worker(rank: int, world_size: int, url: str, shape: tuple, steps: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("elastic_hsgd.averager_state").addHandler(handler)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    model = _shard(_model(), mesh["shard"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    averager = HierarchicalModelAverager({4: "world"}, warmup_steps=2, outer_optimizers={4: NESTEROV})
+    state = {"model": model, "optimizer": opt, "averager": averager}
+    manager = CheckpointManager(url, keep=3)
+    start = manager.load_latest(state) or 0
+    loaded = None
+    for step in range(start, steps):
+        model(torch.randn(4, 5, generator=torch.Generator().manual_seed(100 * rank + step))).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        averager.average_parameters(model.parameters())
+        if loaded is None and start:  # the first call applied the loaded outer state (a level of one replica leaves it)
+            loaded = [t.tolist() for t in _outer_tensors(averager)]
+    if not start:
+        # The two replicas' outer state as if they had drifted apart (their level agrees it at every outer step).
+        with torch.no_grad():
+            for t in _outer_tensors(averager):
+                t.add_(0.25 * (rank // 2 + 1))
+    saved = [t.tolist() for t in _outer_tensors(averager)]
+    manager.save(steps, state)
+    manager.close()
+    return {"start": start, "step": averager.step, "dropped": any("dropped" in m for m in records), "saved": saved, "loaded": loaded}
+
+
+def test_outer_state_at_fewer_replicas_is_the_mean_of_the_saved_replicas_of_each_slice(tmp_path):
+    url = str(tmp_path / "ckpt")
+    first = run_workers(_replicas_worker, WORLD, url, (2, 2), 9, deadline_s=300)
+    fewer = run_workers(_replicas_worker, 2, url, (1, 2), 13, deadline_s=300)
+    assert all(r["start"] == 9 and r["step"] == 13 and not r["dropped"] for r in fewer), fewer
+    for rank, result in enumerate(fewer):
+        # Rank r holds the slices saved ranks r and r + 2 held (2 x 2 -> 1 x 2): their mean, buffer by buffer.
+        saved = [first[rank]["saved"], first[rank + 2]["saved"]]
+        for got, a, b in zip(result["loaded"], *saved):
+            expected = (torch.tensor(a, dtype=torch.float64) + torch.tensor(b, dtype=torch.float64)) / 2
+            assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-6)
+            assert not torch.allclose(torch.tensor(a), torch.tensor(b))  # the replicas did differ
+    assert len(first[0]["saved"][0]) == len(first[1]["saved"][0])  # every rank's buffers padded alike

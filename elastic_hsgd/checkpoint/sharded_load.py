@@ -17,7 +17,11 @@ Otherwise every new rank gets the **mean of the saved replicas of its slice**:
   (:func:`~.sharded.plan_slice`) and read by byte range, only the parts that
   overlap it, from every saved replica; the replicas are summed in float64 and
   the mean written into the live DTensor's local tensor. Nothing gathers a
-  full tensor.
+  full tensor;
+- a sharded averager's anchors and outer-optimizer state (flat buffers of
+  each rank's shards) at the same shard layout: the mean of the saved
+  replicas of this rank's slices (:mod:`.sharded_outer`); at another layout
+  the averager drops them with a WARNING.
 
 A layout that does not hold together (overlapping or missing boxes, a shape
 other than its record's, a box its own mesh does not give) is
@@ -52,6 +56,7 @@ from .rank_index import RankIndex, TensorSpec
 from .replicas import mean_of_replicas
 from .sharded import coalesce, is_record, parse_record, plan_slice
 from .sharded_files import FetchedFiles, RangedFiles, SavedFiles
+from .sharded_outer import reslice_outer
 from .state import RNG_KEY, restore
 from .storage import CheckpointError, Storage
 
@@ -116,9 +121,10 @@ def load_sharded(
     for part in peers.gather(layouts):
         table.update(part)
     check_layouts(table, files.record.world_size, what)  # the same table on every rank: all raise alike
-    mean = mean_of_replicas(files.record, what, plain.pop, peers, policies)
+    merged = _with_records(mean_of_replicas(files.record, what, plain.pop, peers, policies))
+    reslice_outer(state, merged, files, table, peers, what)  # a sharded averager's outer state: slice by slice
     fill, before = Resharder(files, table, what).fill, files.bytes_read
-    _restore_agreed(state, _with_records(mean), peers, what, restore_rng=False, strict=strict, views=False, fill=fill)
+    _restore_agreed(state, merged, peers, what, restore_rng=False, strict=strict, views=False, fill=fill)
     return ShardedLoad(False, files.bytes_read, files.bytes_read - before)
 
 
