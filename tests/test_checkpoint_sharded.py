@@ -272,6 +272,15 @@ def test_a_model_that_is_not_sharded_is_a_clear_error(saved):
     assert all("must already be sharded" in e and "fully_shard" in e and "0.weight" in e for e in errors), errors[0]
 
 
+def test_a_model_that_is_not_sharded_at_another_world_size_is_told_to_shard_or_export(saved):
+    url, _ = saved
+    errors = run_workers(_not_sharded_worker, 2, url)  # saved by 4 ranks: the mean of replicas would mix slices
+    for error in errors:
+        assert "holds sharded (FSDP2 / DTensor) state" in error and "is not sharded" in error, error
+        assert "fully_shard the model the way it was saved" in error and "python -m elastic_hsgd export" in error, error
+        assert "merge= option does not apply" in error and "merge={" not in error, error
+
+
 def _tamper(source: str, target: str, saved_ranks: list[int], change) -> None:
     """A copy of the checkpoint whose given rank files ``change`` rewrote (commit record updated, so they verify)."""
     import shutil

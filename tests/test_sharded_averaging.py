@@ -461,3 +461,55 @@ def test_outer_state_at_fewer_replicas_is_the_mean_of_the_saved_replicas_of_each
             assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-6)
             assert not torch.allclose(torch.tensor(a), torch.tensor(b))  # the replicas did differ
     assert len(first[0]["saved"][0]) == len(first[1]["saved"][0])  # every rank's buffers padded alike
+
+
+# -- rebuild() with sharded parameters: slice groups made again, anchors agreed again ---------------
+
+
+def _rebuild_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from elastic_hsgd import HierarchicalModelAverager
+    from elastic_hsgd.levels.anchors import Agreement
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = _shard(_model(), mesh["shard"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    averager = HierarchicalModelAverager({2: "world"}, outer_optimizers={2: NESTEROV})
+
+    def train(step: int) -> None:
+        model(torch.randn(4, 5, generator=torch.Generator().manual_seed(100 * rank + step))).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        averager.average_parameters(model.parameters())
+
+    for step in range(3):  # period 2 fires at steps 0 and 2
+        train(step)
+    group_before = averager._slices.group(2)
+    with torch.no_grad():  # as if the membership changed under ranks holding other anchors and momentum
+        for t in _outer_tensors(averager):
+            t.add_(0.5 * (rank // 2))
+    perturbed = [t.tolist() for t in _outer_tensors(averager)]
+    averager.rebuild()
+    stale = averager._anchors.state.agreement is Agreement.STALE
+    train(3)  # a step that does not fire: the call re-makes the slice groups and re-agrees first
+    out = {
+        "stale": stale, "agreed": averager._anchors.state.agreement is Agreement.AGREED,
+        "new group": averager._slices.group(2) is not group_before, "perturbed": perturbed,
+        "agreed state": [t.tolist() for t in _outer_tensors(averager)],
+    }
+    train(4)  # fires: each replica's full parameters the same again
+    out["full"] = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]).tolist()
+    return out
+
+
+def test_rebuild_with_sharded_parameters_makes_the_slice_groups_again_and_re_agrees_the_anchors():
+    results = run_workers(_rebuild_worker, WORLD, deadline_s=300)
+    assert all(r["stale"] and r["agreed"] and r["new group"] for r in results)
+    for rank in (0, 1):  # ranks r and r + 2 hold the same slices in the two replicas
+        same = [results[rank], results[rank + 2]]
+        for got0, got1, a, b in zip(same[0]["agreed state"], same[1]["agreed state"], same[0]["perturbed"], same[1]["perturbed"]):
+            expected = (torch.tensor(a, dtype=torch.float64) + torch.tensor(b, dtype=torch.float64)) / 2
+            assert torch.allclose(torch.tensor(got0, dtype=torch.float64), expected, atol=1e-6)
+            assert torch.equal(torch.tensor(got0), torch.tensor(got1))
+    assert torch.allclose(torch.tensor(results[0]["full"]), torch.tensor(results[2]["full"]), atol=1e-6)

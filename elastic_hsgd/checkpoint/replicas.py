@@ -41,6 +41,7 @@ from ..collectives import Peers
 from .commit import Unusable
 from .layout import CommitRecord, saved_ranks_to_read, structure_rank
 from .merge import EQUAL, MergePolicy, combine
+from .sharded import is_record
 from .state import RNG_KEY
 from .storage import CheckpointError
 
@@ -254,7 +255,11 @@ def mean_of_replicas(
         everyone: dict[int, dict[str, str]] = {}
         for part_entries in peers.gather(entries):
             everyone.update(part_entries)
-        raise CheckpointError(_differing_message(what, differing, first_difference(everyone[0], everyone[differing[0]]), policies))
+        detail = first_difference(everyone[0], everyone[differing[0]])
+        sharded = _sharded_entry(first.skeleton)
+        if sharded is not None:  # each saved rank's own shard, loaded into state that is not sharded
+            raise CheckpointError(_not_sharded_message(what, sharded, record.world_size, peers.world_size))
+        raise CheckpointError(_differing_message(what, differing, detail, policies))
     for kind, total in totals.items():
         peers.reduce_(total, _REDUCE_OP[kind])
     if "mean" in totals:
@@ -270,6 +275,31 @@ def mean_of_replicas(
         if name in result:
             result[name] = policy.apply_resets(result[name])
     return result
+
+
+def _sharded_entry(node: Any, path: str = "") -> str | None:
+    """The first sharded (DTensor) tensor's path in a split payload, ``None`` if it holds none."""
+    if is_record(node):
+        return path.lstrip("/")
+    if isinstance(node, dict):
+        items: Any = node.items()
+    elif isinstance(node, (list, tuple)):
+        items = enumerate(node)
+    else:
+        return None
+    return next((found for k, v in items if (found := _sharded_entry(v, f"{path}/{k}")) is not None), None)
+
+
+def _not_sharded_message(what: str, tensor: str, saved_world: int, world: int) -> str:
+    return (
+        f"{what}: the checkpoint holds sharded (FSDP2 / DTensor) state, each saved rank its own shards ({tensor} among "
+        f"them), saved by {saved_world} ranks, but the state loading it here ({world} ranks) is not sharded. Either "
+        "fully_shard the model the way it was saved (fully_shard(model, mesh=init_device_mesh(..., mesh_dim_names="
+        "(\"replicate\", \"shard\"))[\"shard\"]) before building the optimizer) and load again, which reshards to "
+        "any layout and world size; or write one consolidated, unsharded file with "
+        "`python -m elastic_hsgd export URL OUT.safetensors` and load that with safetensors.torch.load_file and "
+        "model.load_state_dict. The merge= option does not apply: the saved ranks differ because each holds other slices."
+    )
 
 
 def _differing_message(what: str, differing: list[int], detail: str, policies: Mapping[str, MergePolicy]) -> str:
