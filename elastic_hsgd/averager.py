@@ -11,7 +11,6 @@ wire dtype, or the ``"replicas"`` top level). Each kind owns its state.
 from __future__ import annotations
 
 import logging
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ from .shard_groups import SliceGroups
 from .averager_state import STATE_FORMAT  # noqa: F401 - importable from here, as it always was
 from .flat_params import AveragingInputs, FlatParameterBuffers
 from .hierarchy import GroupSizeSpec, Level, check_replicas_level, level_for_step, normalize_config
+from .levels import delayed
 from .levels.anchored import AnchoredLevels
 from .levels.anchors import AnchoredLevel
 from .levels.base import flat_buffers_needed
@@ -75,6 +75,8 @@ class HierarchicalModelAverager(ModelAverager):
             default: beside the parameters.
         top_level: averages the last level across replica groups; required
             exactly when that level is ``"replicas"`` (see :mod:`elastic_hsgd.ft`).
+        sync_delays: period -> ``tau`` in ``[0, period)``, the calls its sync runs behind
+            training (overlapped syncs; default 0, synchronous), e.g. ``{64: 2}``.
 
     Anchored levels (hierarchical DiLoCo). A level with an outer optimizer or a
     comm dtype keeps an **anchor**: the parameters as they were when its group was
@@ -87,7 +89,8 @@ class HierarchicalModelAverager(ModelAverager):
        summed in fp32; see :mod:`elastic_hsgd.outer`);
     3. with an outer optimizer, ``anchor_L.grad = mean delta; outer_L.step()``;
        without, ``anchor_L -= mean delta``;
-    4. ``params := anchor_L``.
+    4. ``params := anchor_L``; with ``sync_delays[L] = tau > 0``, 2-4 run in the background on a
+       snapshot and complete ``tau`` calls later: ``params += anchor_L - snapshot`` (docs/averager.md).
 
     Whenever any level fires (anchored or not), every lower anchored level sets
     its anchor to the new parameters: its groups are now synchronized too. A
@@ -132,6 +135,7 @@ class HierarchicalModelAverager(ModelAverager):
         ...     {4: "local", 64: "world"},
         ...     outer_optimizers={64: functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)},
         ...     comm_dtypes={64: torch.bfloat16},
+        ...     sync_delays={64: 2},  # the world's sync runs behind two training steps
         ... )
     """
 
@@ -158,18 +162,15 @@ class HierarchicalModelAverager(ModelAverager):
         local_world_size: int | None = None,
         anchor_device: torch.device | str | None = None,
         top_level: TopLevel | None = None,
+        sync_delays: Mapping[int, int] | None = None,
     ) -> None:
         config = normalize_config(period_group_size_dict)
         # Same config on every rank, so every rank raises here, before any collective.
         check_replicas_level(config, fault_tolerant=top_level is not None)
-        factories, wire_dtypes = outer.check_level_options([period for period, _ in config], outer_optimizers, comm_dtypes)
+        factories, wire_dtypes, self._delays = outer.check_averager_options(
+            [period for period, _ in config], outer_optimizers, comm_dtypes, sync_delays, top_level is not None, warmup_steps
+        )
         top_period = config[-1][0]
-        if top_level is not None and top_period in wire_dtypes:
-            raise ValueError(
-                f"comm_dtypes[{top_period}] is set on the 'replicas' level, which averages through "
-                "torchft's fp32 allreduce: leave it out there (an outer optimizer is fine) and put "
-                "comm_dtypes on the levels inside the replica group."
-            )
         super().__init__(process_group)
         register_step_keeper(self)
         self._config = config
@@ -184,27 +185,17 @@ class HierarchicalModelAverager(ModelAverager):
             [
                 AnchoredLevel(period, factories.get(period), wire_dtypes.get(period))
                 for period, _ in config
-                if period in factories or period in wire_dtypes
+                # A delayed level keeps an anchor (fp32 wire, no outer optimizer unless given).
+                if period in factories or period in wire_dtypes or period in self._delays
             ],
             anchor_device=anchor_device,
             # An outer optimizer on the "replicas" level: anchors start at a committed top-level sync.
-            starts_at_top_sync=top_level is not None and top_period in factories,
+            starts_at_top_sync=top_level is not None and (top_period in factories or top_period in self._delays),
             flat=self._flat,
             plain=self._plain,
             wire=WireMean(owner),
         )
         self._replicas = ReplicasLevel(owner, top_period, self._flat, self._anchors)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(
-                f"warmup_steps {warmup_steps!r} must be a non-negative int (0 averages from step 0)."
-            )
-        if top_period == 1:
-            warnings.warn(
-                "The largest period in period_group_size_dict is 1: averaging parameters every "
-                "step costs no less than DistributedDataParallel's gradient all-reduce; use plain "
-                "DDP instead.",
-                stacklevel=2,
-            )
         self.warmup_steps = warmup_steps
         self._local_world_size = local_world_size
         self._owned_groups: list[dist.ProcessGroup] = []
@@ -214,6 +205,7 @@ class HierarchicalModelAverager(ModelAverager):
         self._slices = SliceGroups()  # the groups of DTensor parameters, made when first seen
         self._sharded = False  # whether the parameters of the current call are DTensors
         self._saved_layout: tuple[str, int] | None = None  # a loaded state's (shard layout, world), checked at the next call
+        self._delay_groups: dict[int, dist.ProcessGroup] = {}  # each delayed level's own group, for its background reduction
         self.levels: tuple[Level, ...] = ()
         self._periods: tuple[int, ...] = ()
         self.period_process_group_dict: OrderedDict[int, dist.ProcessGroup] = OrderedDict()
@@ -238,6 +230,7 @@ class HierarchicalModelAverager(ModelAverager):
         ``"local"``/``"world"`` again, and raises ``ValueError`` on every rank
         (no rank hangs) if the hierarchy no longer fits the world.
         """
+        delayed.settle(self._anchors, "the groups are rebuilt")  # its group is released below
         topology.release(self._owned_groups)
         self._slices.stale()  # DTensor parameters: their groups are made again at the next call
         # Lower levels' groups change with the membership: re-agree on anchors at the next call.
@@ -251,6 +244,8 @@ class HierarchicalModelAverager(ModelAverager):
         self.levels = levels
         self._periods = tuple(lv.period for lv in levels)
         self.period_process_group_dict = topology.new_level_groups(levels, overall, self._owned_groups)
+        within = levels[:-1] if self.top_level is not None else levels  # "replicas" reduces through the top level
+        self._delay_groups = delayed.dedicated_groups(within, self._delays, overall, self._owned_groups)
         topology.log_hierarchy(self._config, levels, overall, local_world_size, self.warmup_steps, logger)
 
     def release_groups(self) -> None:
@@ -270,22 +265,24 @@ class HierarchicalModelAverager(ModelAverager):
         """
         index = level_for_step(self.step, self.warmup_steps, self._periods)
         warm = self.step >= self.warmup_steps
-        if index is not None or self._anchors.wants_start(warm) or not self._inputs_checked:
+        anchors = self._anchors
+        if index is not None or anchors.wants_start(warm) or not self._inputs_checked or anchors.in_flight is not None:
             # Checked at the first call even during warmup, so a wrong input fails early.
             flat, by_copy = self._split(params)
-            if by_copy and self._anchors.levels:
+            if by_copy and anchors.levels:
                 raise flat_buffers_needed(by_copy)
-            if self._anchors.wants_start(warm):
-                self._anchors.start(flat, self.process_group, self._group(self._periods[-1]))
+            if anchors.wants_start(warm):
+                anchors.start(flat, self.process_group, self._group(self._periods[-1]))
+            flight = anchors.in_flight
+            if flight is not None and (index is not None or flight.completes_at <= self.step):
+                self._complete_in_flight(flat, by_copy)  # before anything else, and before another level fires
             if index is not None and not self._ddp_checked:
                 self._ddp_checked = True
                 if not self._sharded:
                     ddp_hook_check.warn_if_ddp_without_hook(flat + by_copy, self.warmup_steps)
             if index is not None and self.top_level is not None and index == len(self.levels) - 1:
-                # Step first: a group that heals during this sync adopts this
-                # rank's state, which must already say where training resumes.
-                self.step += 1
-                self._replicas.sync(flat, by_copy, self.process_group, self._group(self._periods[-1]))
+                top = self._periods[-1]
+                self._replicas.fire(flat, by_copy, self.process_group, self._group(top), self._delays.get(top, 0))
                 return
             if index is not None:
                 self._sync_level(index, flat, by_copy)
@@ -319,9 +316,18 @@ class HierarchicalModelAverager(ModelAverager):
         if anchored is None or not self._anchors.state.started:
             # Not started only below an anchored "replicas" level, until its first committed sync.
             self._plain.average(flat, by_copy, group)
+        elif period in self._delays:  # lower anchors are reset when it completes
+            own = group if self._sharded else self._delay_groups[period]  # slice groups: the averager's alone
+            delayed.start(self._anchors, anchored, flat, own, self.step + self._delays[period])
+            return
         else:
             self._anchors.sync(anchored, flat, group)
         self._anchors.reset_below(period, flat)
+
+    def _complete_in_flight(self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], top: bool = True) -> None:
+        """Finish the overlapped sync in flight, if any (``top`` ``False``: unless it is the ``"replicas"`` level's)."""
+        if self._anchors.in_flight is not None:
+            self._replicas.complete(flat, by_copy, self.process_group, self._group(self._periods[-1]), top)
 
     def sync_top_level(self, params: Iterable[Any]) -> bool:
         """Run the top level's sync now, without stepping; ``True`` if committed.
@@ -333,6 +339,7 @@ class HierarchicalModelAverager(ModelAverager):
         if self.top_level is None:
             raise RuntimeError("sync_top_level() needs a top_level (a 'replicas' hierarchy).")
         flat, by_copy = self._split(params)
+        self._complete_in_flight(flat, by_copy, top=False)  # a "replicas" one completes in this sync
         return self._replicas.sync(flat, by_copy, self.process_group, self._group(self._periods[-1]))
 
     def synchronize(self, params: Iterable[Any]) -> bool:
@@ -364,6 +371,7 @@ class HierarchicalModelAverager(ModelAverager):
             raise flat_buffers_needed(by_copy)
         if anchors.wants_start(self.step >= self.warmup_steps):
             anchors.start(flat, self.process_group, world)  # what the next call would do first: start or re-agree
+        self._complete_in_flight(flat, by_copy)
         if self.top_level is not None:
             return self._replicas.mean(flat, by_copy, self.process_group, world)
         if world is not None:  # None: one replica of a sharded model, already the mean
@@ -407,12 +415,8 @@ class HierarchicalModelAverager(ModelAverager):
         groups_changed = averager_state.groups_changed(state_dict, self.levels, world_size)
         if groups_changed:
             logger.info(
-                "averager resumes at step %d with world size %d -> %d, hierarchy %s -> %s",
-                step,
-                saved_world,
-                world_size,
-                [tuple(lv) for lv in state_dict.get("levels", [])],
-                [(lv.period, lv.group_size) for lv in self.levels],
+                "averager resumes at step %d with world size %d -> %d, hierarchy %s -> %s", step, saved_world, world_size,
+                [tuple(lv) for lv in state_dict.get("levels", [])], [(lv.period, lv.group_size) for lv in self.levels],
             )
         self._anchors.load_state_dict(state_dict.get("outer"), world_changed=groups_changed)
         # Not seen the parameters yet: compared with theirs at the next call (another layout drops the outer state).

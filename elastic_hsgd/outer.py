@@ -37,7 +37,9 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+
 import torch
 
 #: dtypes a level may send its pseudo-gradient in (int8 with per-row scales).
@@ -80,6 +82,67 @@ def check_level_options(
                 f"{[str(d) for d in WIRE_DTYPES]} (omit the period to send parameters' own dtype)."
             )
     return outer, wire
+
+
+def check_averager_options(
+    periods: Sequence[int],
+    outer_optimizers: Mapping[int, OuterOptimizerFactory] | None,
+    comm_dtypes: Mapping[int, torch.dtype] | None,
+    sync_delays: Mapping[int, int] | None,
+    replicas_top: bool,
+    warmup_steps: int = 0,
+) -> tuple[dict[int, OuterOptimizerFactory], dict[int, torch.dtype], dict[int, int]]:
+    """:func:`check_level_options` and :func:`check_sync_delays`; with a ``"replicas"`` top
+    level (``replicas_top``), no comm dtype on it. Returns the three mappings, checked;
+    ``warmup_steps`` must be a non-negative int, and a top period of 1 warns."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps {warmup_steps!r} must be a non-negative int (0 averages from step 0).")
+    if periods[-1] == 1:
+        warnings.warn(
+            "The largest period in period_group_size_dict is 1: averaging parameters every "
+            "step costs no less than DistributedDataParallel's gradient all-reduce; use plain "
+            "DDP instead.",
+            stacklevel=3,
+        )
+    factories, wires = check_level_options(periods, outer_optimizers, comm_dtypes)
+    top = periods[-1]
+    if replicas_top and top in wires:
+        raise ValueError(
+            f"comm_dtypes[{top}] is set on the 'replicas' level, which averages through "
+            "torchft's fp32 allreduce: leave it out there (an outer optimizer is fine) and put "
+            "comm_dtypes on the levels inside the replica group."
+        )
+    return factories, wires, check_sync_delays(periods, sync_delays)
+
+
+def check_sync_delays(
+    periods: Sequence[int], sync_delays: Mapping[int, int] | None
+) -> dict[int, int]:
+    """Validate ``sync_delays`` (period -> tau) against the configured periods; zeros are left out.
+
+    ``0 <= tau < period``: the sync of a level that fires at step ``s`` completes at
+    step ``s + tau``, before the level could fire again.
+    """
+    delays: dict[int, int] = {}
+    for period, tau in dict(sync_delays or {}).items():
+        if period not in periods:
+            raise ValueError(
+                f"sync_delays has period {period!r}, which is not a configured period {list(periods)}: "
+                "key sync_delays by the periods of period_group_size_dict."
+            )
+        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 0:
+            raise ValueError(
+                f"sync_delays[{period}] is {tau!r}: it must be a non-negative int, the steps the level's "
+                "sync runs behind training (0: synchronous)."
+            )
+        if tau >= period:
+            raise ValueError(
+                f"sync_delays[{period}] is {tau}, not below the level's period {period}: a sync must complete "
+                f"before the level fires again; use a delay of at most {period - 1}."
+            )
+        if tau:
+            delays[period] = tau
+    return delays
 
 
 def pseudo_gradient(anchor: torch.Tensor, params: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -254,3 +317,21 @@ def outer_step(optimizer: torch.optim.Optimizer, anchors: Sequence[torch.Tensor]
     optimizer.step()
     for anchor in anchors:
         anchor.grad = None
+
+
+def delayed_correction(params: torch.Tensor, anchor: torch.Tensor, snapshot: torch.Tensor, out: torch.Tensor) -> None:
+    """An overlapped sync's end: ``params += anchor - snapshot``.
+
+    ``anchor`` is the anchor stepped with the mean of ``anchor_old - snapshot``,
+    ``snapshot`` the parameters when the sync started: the local steps taken
+    while it was in flight are kept on top of the new anchor. ``out`` (on the
+    parameters' device, e.g. the pseudo-gradient buffer, or ``snapshot``
+    itself) holds ``anchor - snapshot``. With no local step since the snapshot
+    the result is the anchor (up to one rounding).
+    """
+    if anchor.device == out.device:
+        torch.sub(anchor, snapshot, out=out)
+    else:
+        out.copy_(anchor)
+        out.sub_(snapshot)
+    params.add_(out)

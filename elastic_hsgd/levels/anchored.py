@@ -22,6 +22,7 @@ from ..flat_params import FlatParameterBuffers, flattenable
 from . import agreement, outer_state
 from .anchors import Agreement, AnchoredLevel, AnchorState
 from .base import flat_buffers_needed
+from .delayed import InFlightSync, discard, restore, snapshot_buffers, warn_dropped
 from .plain import PlainLevel
 from .wire import WireMean
 
@@ -76,6 +77,10 @@ class AnchoredLevels:
         #: Ranks whose layouts must agree: 0 everywhere, or for DTensor parameters the position of
         #: this rank's slices in its replica (set by the averager; see :class:`~.agreement.Outcome`).
         self.cohort = 0
+        #: The overlapped sync in flight (``sync_delays``), and each delayed level's snapshot buffers.
+        self.in_flight: InFlightSync | None = None
+        self.snapshots: dict[int, list[torch.Tensor]] = {}
+        self.buffers: list[torch.Tensor] = []  # the flat parameter buffers of the last call
 
     @property
     def allocated(self) -> bool:
@@ -114,6 +119,7 @@ class AnchoredLevels:
         buffers = self._flat.buffers_for(params)
         if buffers is None:
             raise flat_buffers_needed([p for p in params if not flattenable(p)])
+        self.buffers = buffers
         return buffers
 
     def ready(self, params: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
@@ -143,8 +149,17 @@ class AnchoredLevels:
             self._allocate(buffers)
         self._check_layout(buffers)
         if self.state.pending is not None:
-            outer_state.apply(self.levels, self.state.pending)
-            self.state.pending = None
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        pending = self.state.pending
+        assert pending is not None
+        outer_state.apply(self.levels, pending)
+        if "in_flight" in pending:
+            saved = pending["in_flight"]
+            snapshot = snapshot_buffers(self, saved.get("period"))
+            self.in_flight = restore(saved, self.levels, self.buffers, snapshot, self.deltas)
+        self.state.pending = None
 
     def start(self, params: list[torch.Tensor], group: dist.ProcessGroup, mean_group: Any = SAME) -> None:
         """Anchors := mean of the parameters over ``group``, the whole group (collective, once).
@@ -234,12 +249,16 @@ class AnchoredLevels:
         )
 
     @staticmethod
-    def step_anchors(lv: AnchoredLevel, grads: list[tuple[torch.Tensor, ...]]) -> None:
-        """Step each anchor with its mean pseudo-gradient, then ``params := anchor``.
+    def step_anchors(
+        lv: AnchoredLevel, grads: list[tuple[torch.Tensor, ...]], snapshots: list[torch.Tensor] | None = None
+    ) -> None:
+        """Step each anchor with its mean pseudo-gradient, then ``params := anchor``
+        (with ``snapshots``, an overlapped sync's end: ``params += anchor - snapshot``).
 
         ``grads`` holds ``(anchor, mean delta, flat params, host buffer)``; a mean
         delta on another device than its anchor goes through the host buffer.
         """
+        scratch = [delta for _, delta, _, _ in grads]
         staged = []
         for anchor, delta, flat, host in grads:
             if anchor.device != delta.device:
@@ -253,6 +272,10 @@ class AnchoredLevels:
             for anchor, grad, _ in staged:
                 anchor.grad = grad
             outer.outer_step(lv.optimizer, lv.anchors)
+        if snapshots is not None:
+            for (anchor, _, flat), snapshot, out in zip(staged, snapshots, scratch):
+                outer.delayed_correction(flat, anchor, snapshot, out)
+            return
         for anchor, _, flat in staged:
             flat.copy_(anchor, non_blocking=anchor.device != flat.device)
 
@@ -260,18 +283,24 @@ class AnchoredLevels:
         """Anchored levels below ``period`` take the new parameters: their groups are synchronized too."""
         if not self.state.started:
             return
-        below = [lv for lv in self.levels if lv.period < period]
-        if below:
-            buffers = self.flat_buffers(params)
-            with torch.no_grad():
-                for lv in below:
+        if any(lv.period < period for lv in self.levels):
+            self.set_below(period, self.flat_buffers(params))
+
+    def set_below(self, period: int, buffers: list[torch.Tensor]) -> None:
+        """Anchored levels below ``period`` take ``buffers`` (flat parameter buffers)."""
+        with torch.no_grad():
+            for lv in self.levels:
+                if lv.period < period:
                     lv.set_anchors(buffers)
 
     def state_dict(self) -> dict[str, Any]:
         """The ``"outer"`` entry of the averager's state (see :mod:`.outer_state`)."""
         if self.state.pending is not None:
             return self.state.pending  # loaded, not yet applied: saved unchanged
-        return outer_state.capture(self.levels, self.state.started)
+        state = outer_state.capture(self.levels, self.state.started)
+        if self.in_flight is not None:
+            state["in_flight"] = self.in_flight.state_dict()
+        return state
 
     def load_state_dict(self, saved: Mapping[str, Any] | None, world_changed: bool) -> None:
         """Check and take saved outer state: applied now if the anchors exist, else at the next sync."""
@@ -279,14 +308,18 @@ class AnchoredLevels:
             return
         assert saved is not None
         outer_state.check_options(self.levels, saved)
+        discard(self)  # the loaded state says where training stands, in flight or not
         if not saved["started"]:
             self.state = AnchorState()
             return
         outer_state.check_anchors_flat(self.levels, saved)
-        self.state = AnchorState(Agreement.STALE if world_changed else Agreement.AGREED, pending=dict(saved))
+        pending = dict(saved)
+        if world_changed and "in_flight" in pending:
+            # Its snapshot is each rank's own parameters at another membership.
+            warn_dropped(pending.pop("in_flight"), "the checkpoint was saved with other groups")
+        self.state = AnchorState(Agreement.STALE if world_changed else Agreement.AGREED, pending=pending)
         if self.allocated:  # already running: apply (and check) now
-            outer_state.apply(self.levels, self.state.pending)
-            self.state.pending = None
+            self._apply_pending()
 
     def _allocate(self, buffers: list[torch.Tensor]) -> None:
         pin = self._anchor_device is not None and self._anchor_device.type == "cpu" and any(
@@ -298,6 +331,7 @@ class AnchoredLevels:
             return torch.zeros(flat.numel(), dtype=flat.dtype, device=device, pin_memory=pin and device.type == "cpu")
 
         self.deltas = [torch.empty_like(b) for b in buffers]
+        self.snapshots = {}
         self.host_grads = [
             on_anchor_device(b) if self._anchor_device is not None and self._anchor_device != b.device else b[:0]
             for b in buffers

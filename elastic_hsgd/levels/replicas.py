@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..flat_params import FlatParameterBuffers, pack_by_kind, unpack_by_kind
+from . import delayed
 from .anchored import AnchoredLevel, AnchoredLevels
 from .base import Owner, flat_buffers_needed
 
@@ -97,6 +98,51 @@ class ReplicasLevel:
             anchors.reset_below(self.period, flat)
         return committed
 
+    def fire(
+        self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup,
+        peers: dist.ProcessGroup | None, delay: int,
+    ) -> None:
+        """The top level fires at this call, which it ends by stepping the owner's ``step``.
+
+        With a ``delay`` (``sync_delays``) and started anchors it only snapshots the
+        parameters: the reduction runs through the top level when it completes.
+        """
+        owner, anchors = self._owner, self._anchors
+        if delay and anchors.state.started:
+            delayed.start(anchors, anchors.levels[-1], flat, None, owner.step + delay)
+            owner.step += 1
+            return
+        # Step first: a group that heals during this sync adopts this
+        # rank's state, which must already say where training resumes.
+        owner.step += 1
+        self.sync(flat, by_copy, group, peers)
+
+    def complete(
+        self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup,
+        peers: dist.ProcessGroup | None, across: bool = True,
+    ) -> None:
+        """Complete the overlapped sync in flight (:mod:`.delayed`); a lower level's, or one of a
+        top level without ``top_level``, is finished here and now.
+
+        This level's, across replica groups (unless ``across`` is ``False``: the caller's
+        own sync completes it), reduces its snapshot's pseudo-gradient through the top level
+        now; discarded, it applies no correction (the parameters keep their local steps).
+        The owner's ``step`` reads one more meanwhile: a group that heals in this sync
+        adopts a peer's state, which must say that the peer's call is done.
+        """
+        flight = self._anchors.in_flight
+        if flight is None:
+            return
+        if self._owner.top_level is None or flight.period != self.period:
+            delayed.finish(self._anchors, flat)
+            return
+        if across:
+            self._owner.step += 1
+            try:
+                self.sync(flat, by_copy, group, peers)
+            finally:
+                self._owner.step -= 1
+
     def mean(
         self, flat: list[torch.Tensor], by_copy: list[torch.Tensor], group: dist.ProcessGroup,
         peers: dist.ProcessGroup | None = None,
@@ -142,17 +188,23 @@ class ReplicasLevel:
         """
         anchors, owner = self._anchors, self._owner
         buffers = anchors.ready(params, group)
+        # An overlapped sync (sync_delays) of this level completes here: the pseudo-gradient of its snapshot.
+        flight = anchors.in_flight if anchors.in_flight is not None and anchors.in_flight.period == self.period else None
         with torch.no_grad():
-            for anchor, flat, delta in zip(lv.anchors, buffers, anchors.deltas):
+            for anchor, flat, delta, since in zip(lv.anchors, buffers, anchors.deltas, flight.snapshot if flight else buffers):
                 if anchors.state.started:
                     delta.copy_(anchor, non_blocking=anchor.device != delta.device)
-                    delta.sub_(flat)
+                    delta.sub_(since)
                 else:
                     delta.copy_(flat)
             # A heal happens in here: it loads a peer's state into the parameters,
             # the anchors and the outer optimizer (load_state_dict applies it at once,
-            # the anchors being allocated above).
-            if not owner.top_level.average(list(anchors.deltas), peers, owner.step):
+            # the anchors being allocated above), and the peer's sync in flight, if any.
+            committed = owner.top_level.average(list(anchors.deltas), peers, owner.step)
+            flight = anchors.in_flight if anchors.in_flight is not None and anchors.in_flight.period == self.period else None
+            if flight is not None:
+                anchors.in_flight = None  # completed (committed) or given up (discarded: no correction)
+            if not committed:
                 return False
             if not anchors.state.started:
                 for flat, mean in zip(buffers, anchors.deltas):
@@ -160,5 +212,6 @@ class ReplicasLevel:
                 if owner.step >= owner.warmup_steps:
                     anchors.start_at(buffers)
                 return True
-            anchors.step_anchors(lv, list(zip(lv.anchors, anchors.deltas, buffers, anchors.host_grads)))
+            grads = list(zip(lv.anchors, anchors.deltas, buffers, anchors.host_grads))
+            anchors.step_anchors(lv, grads, flight.snapshot if flight is not None else None)
         return True
