@@ -21,7 +21,9 @@ Example::
     >>> saver.submit(7, lambda: 1 / 0)   # the save of step 7, in the save thread
     >>> saver.wait(lambda step, exc: print(f"save of step {step} failed: {exc!r}"))
     save of step 7 failed: ZeroDivisionError('division by zero')
-    >>> saver.close()
+    True
+    >>> saver.close()   # joins the save thread
+    True
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import sys
+import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -45,17 +51,34 @@ class BackgroundSaver:
     """A single save thread and its pending saves (each a step and a future), oldest first.
 
     The thread starts with the first :meth:`submit`; :meth:`close` joins it.
+    It is a daemon thread: a save stuck in a collective whose peer is gone
+    must not hold the process at exit (Python joins every other thread, a
+    ``ThreadPoolExecutor``'s too, before any exit handler runs), so a worker
+    whose training failed exits at once and torchelastic re-forms the world.
+    A save still running at exit is waited for by the tier's ``close()``
+    (:func:`close_at_exit`), with a deadline where the tier gives one.
     """
 
     def __init__(self, thread_name_prefix: str) -> None:
         self.thread_name_prefix = thread_name_prefix
-        self.executor: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[tuple[Future[None], Callable[..., None], tuple] | None] = queue.SimpleQueue()
         self._pending: deque[tuple[int, Future[None]]] = deque()
+
+    @property
+    def executor(self) -> threading.Thread | None:
+        """The save thread; ``None`` before the first save and once closed."""
+        return self._thread
 
     @property
     def pending_step(self) -> int | None:
         """The step of the oldest save not yet waited for, if any."""
         return self._pending[0][0] if self._pending else None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a save submitted here has not finished yet (waited for or not)."""
+        return any(not future.done() for _, future in self._pending)
 
     def submit(self, step: int, fn: Callable[..., None], *args: Any, queue: bool = False) -> None:
         """Run ``fn(*args)`` in the save thread as the save of ``step``.
@@ -65,26 +88,48 @@ class BackgroundSaver:
         """
         if self._pending and not queue:
             raise RuntimeError(f"the save of step {self._pending[0][0]} is still pending: wait for it first.")
-        if self.executor is None:
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name_prefix)
-        self._pending.append((step, self.executor.submit(fn, *args)))
+        if self._thread is None:
+            self._jobs = type(self._jobs)()
+            self._thread = threading.Thread(target=self._run, args=(self._jobs,), name=f"{self.thread_name_prefix}_0", daemon=True)
+            self._thread.start()
+        future: Future[None] = Future()
+        self._jobs.put((future, fn, args))
+        self._pending.append((step, future))
 
-    def wait(self, on_failure: FailureHandler) -> None:
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue) -> None:
+        while (job := jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def wait(self, on_failure: FailureHandler, timeout: float | None = None) -> bool:
         """Block until every pending save finished; for each that raised, call ``on_failure(step, exc)``.
 
         In submission order. The saves are no longer pending afterwards, failed
         or not (also the ones after a handler that raised, which are waited for
         first). The handler runs inside the ``except`` block, so what it raises
-        chains to ``exc``.
+        chains to ``exc``. With ``timeout`` (seconds), returns ``False`` once it
+        passed with a save still running (those left stay pending), else ``True``.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         raised: BaseException | None = None
         while self._pending:
+            if deadline is not None and not wait_futures([self._pending[0][1]], max(0.0, deadline - time.monotonic())).done:
+                break
             try:
                 self._finish(on_failure)
             except BaseException as exc:  # noqa: BLE001 - the first is re-raised once every save finished
                 raised = raised or exc
         if raised is not None:
             raise raised
+        return not self._pending
 
     def poll(self, on_failure: FailureHandler) -> None:
         """Without blocking: hand over the saves already finished (oldest first), as :meth:`wait` does."""
@@ -98,11 +143,18 @@ class BackgroundSaver:
         except Exception as exc:  # noqa: BLE001 - the handler decides
             on_failure(step, exc)
 
-    def close(self) -> None:
-        """Join the save thread (pending saves finish first). Idempotent."""
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
-            self.executor = None
+    def close(self, timeout: float | None = None) -> bool:
+        """Join the save thread (pending saves finish first). Idempotent.
+
+        With ``timeout``, gives up on a thread still running after it (it is a
+        daemon: it ends with the process) and returns ``False``.
+        """
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return True
+        self._jobs.put(None)
+        thread.join(timeout)
+        return not thread.is_alive()
 
 
 class Closeable(Protocol):

@@ -254,6 +254,8 @@ class CheckpointManager:
     def _save_local(self, step: int, state: Mapping[str, Any], *, skip_if_busy: bool) -> bool:
         if self.local is None:
             raise ValueError("this CheckpointManager has no local tier: pass local_url= and local_every=.")
+        if skip_if_busy and not self.local.due(step, self.local_every):  # the tier's CPU budget: nothing captured
+            return False
         payload = capture(state, include_rng=self.include_rng)
         return self.local.save(step, payload, small_summaries(payload, list(state)), {"entries": sorted(state)}, skip_if_busy=skip_if_busy)
 

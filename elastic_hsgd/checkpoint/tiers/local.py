@@ -54,27 +54,34 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
+import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from ...collectives import Peers
 from ...process_groups import release_at_exit
 from ..background import BackgroundSaver
-from ..commit import apply_retention, decode, remove_step, write_commit_record
-from ..layout import CommitRecord, FileEntry, files_to_read, rank_file_name, step_dir_name
+from ..commit import decode, remove_step
+from ..layout import files_to_read, step_dir_name
 from ..local_plan import BUDDY, CopyKey, LoadPlan, NeededFn, StepHolding, buddy_ranks, plan_load
 from ..run_identity import RunStamp, foreign_reason
 from ..state import serialize
 from ..storage import CheckpointError, Storage
 from . import StepReader
-from .local_gate import free_bytes, held_bytes, verdict
+from .local_cadence import Cadence
+from .local_commit import write_copy_commit
+from .local_gate import decode_reports, encode_report, free_bytes, held_bytes, verdict
 from .local_load import BUDDY_DIR, execute_plan, node_holdings
-from .transfer import exchange_with_buddy
+from .local_skips import SkipLog
+from .local_node import NODE_ENV, collective_timeout, node_from_env, node_in_env, warn_node_unknown
+
+__all__ = ["BUDDY_DIR", "NODE_ENV", "LocalTier", "PeerLost", "node_from_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,39 +94,6 @@ class PeerLost(CheckpointError):
 def _needed(rank: int, saved_world: int, world: int) -> list[int]:
     """A :data:`~..local_plan.NeededFn`: the saved files ``rank`` of the new world reads."""
     return files_to_read(rank, world, saved_world)
-
-
-#: The environment variable that names this process's node for launchers other than torchrun.
-NODE_ENV = "ELASTIC_HSGD_NODE_RANK"
-_warned_no_node = False
-
-
-def _node_in_env() -> int | None:
-    for name in (NODE_ENV, "GROUP_RANK"):
-        value = os.environ.get(name, "")
-        if value:
-            if not value.isdigit():
-                raise ValueError(f"{name}={value!r} must be a non-negative int: the index of this process's node.")
-            return int(value)
-    return None
-
-
-def node_from_env() -> int:
-    """This process's node: ``ELASTIC_HSGD_NODE_RANK``, else torchrun's ``GROUP_RANK`` (one per agent), else 0."""
-    node = _node_in_env()
-    return 0 if node is None else node
-
-
-def _warn_node_unknown(ranks: list[int]) -> None:
-    global _warned_no_node
-    if _warned_no_node:
-        return
-    _warned_no_node = True
-    logger.warning(
-        "local checkpoint tier: rank(s) %s have no node id (neither GROUP_RANK, set by torchrun, nor %s), so every "
-        "rank is taken to be on node 0 and buddy copies may land on the same machine, where losing it loses both. "
-        "Pass CheckpointManager(..., node=<this node's index>) or set %s.", ranks[:8], NODE_ENV, NODE_ENV,
-    )
 
 
 class LocalTier:
@@ -155,7 +129,7 @@ class LocalTier:
         self.url = url
         self.keep = keep
         self.storage = Storage(url, storage_options)
-        known = node is not None or _node_in_env() is not None
+        known = node is not None or node_in_env() is not None
         node = node_from_env() if node is None else node
         if isinstance(node, bool) or not isinstance(node, int) or node < 0:
             raise ValueError(f"node={node!r} must be a non-negative int: the index of this process's node.")
@@ -163,7 +137,9 @@ class LocalTier:
         self._lost: PeerLost | None = None  # set once a collective failed: the group is unusable from then on
         # Its own group: saves run collectives and send/recv from a background
         # thread, which must never interleave with the cloud tier's or training's.
-        self._peers = Peers.own_gloo_group(timeout, CheckpointError)
+        # The job's collective timeout where shorter: a save's collective with a lost peer fails as soon as training's.
+        self.timeout = collective_timeout(timeout)
+        self._peers = Peers.own_gloo_group(self.timeout, CheckpointError)
         self.rank, self.world_size = self._peers.rank, self._peers.world_size
         gathered = self._all_gather((node, self.storage.writable_error(), known))
         failed = [(r, e) for r, (_, e, _) in enumerate(gathered) if e]
@@ -172,7 +148,7 @@ class LocalTier:
         self.nodes = [n for n, _, _ in gathered]
         unknown = [r for r, (_, _, k) in enumerate(gathered) if not k]
         if unknown and self.world_size > 1 and self.rank == 0:
-            _warn_node_unknown(unknown)
+            warn_node_unknown(unknown)
         self.node = node
         self.buddies = buddy_ranks(self.nodes)
         self.committed_step: int | None = None  # newest step this process saw committed everywhere
@@ -181,8 +157,13 @@ class LocalTier:
         self._staged = False  # a queued or running save holds _blob
         self._agreed = threading.Event()  # set once every rank reached the staged save (its verdict is in)
         self._broken: BaseException | None = None  # a save thread's collective that failed: later saves skip the group
-        self._due = 0  # saves asked for
-        self._skips: Counter[str] = Counter()  # agreed skips, by kind ("busy", "space")
+        self._skips = SkipLog(self.rank, url)  # due saves, and the skips by kind ("cadence", "busy", "space")
+        self._cadence = Cadence(every=1)  # the CPU budget (.local_cadence); its every is set by the first due()
+        self._next_due = 0  # the save thread's cadence.next_due, for the foreground: steps below it are skipped
+        self._cpu_lock = threading.Lock()
+        self._cpu_spent = 0.0  # CPU seconds of saves (staging and save thread) since the last gather
+        self._last_gather: float | None = None  # monotonic time of the save thread's last gather
+        self._last_due: tuple[int, float] | None = None  # (step, monotonic time) of the last save asked for
         self._survey: list[dict[int, StepHolding]] = []  # every rank's holdings, as of the last held_steps()
         self._closed = False
         # Its gloo group must be gone before the interpreter finalizes, manager or not
@@ -215,7 +196,22 @@ class LocalTier:
     @property
     def skipped(self) -> int:
         """How many saves every rank skipped (the previous save still running, or no space)."""
-        return sum(self._skips.values())
+        return self._skips.total
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether ``maybe_save`` should capture and :meth:`save` ``step`` (a multiple of ``every``).
+
+        ``False`` for a step the CPU budget (:mod:`.local_cadence`) ruled out at
+        an earlier save: it is counted as skipped, nothing is captured, and
+        every rank skips it (a rank that does not know yet drops it in its save
+        thread, with no collective).
+        """
+        self._cadence.every = every
+        if step >= self._next_due:
+            return True
+        self._skips.asked()
+        self._skips.skip(step, "cadence", "the local saves' CPU budget is spent (see elastic_hsgd.checkpoint.tiers.local_cadence)")
+        return False
 
     def save(self, step: int, payload: dict[str, Any], entries: dict | None, extra: dict | None, *, skip_if_busy: bool = False) -> bool:
         """Stage ``payload`` (the only blocking part) and write, copy and commit it in the background.
@@ -230,6 +226,7 @@ class LocalTier:
         step_dir_name(step)
         if self._closed:
             raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
+        started = time.thread_time()
         if skip_if_busy:
             self.poll()
             if self._staged and not self._agreed.is_set():
@@ -241,10 +238,13 @@ class LocalTier:
         self._raise_if_lost()
         if self._run is not None:  # foreground: the stamp may need a collective of the cloud tier
             extra = {**(extra or {}), "run": self._run().to_json()}
-        self._due += 1
+        self._skips.asked()
+        now = time.monotonic()
+        step_s = None if self._last_due is None or step <= self._last_due[0] else (now - self._last_due[1]) / (step - self._last_due[0])
+        self._last_due = (step, now)
         if self._staged:
             logger.debug("local checkpoint of step %d not staged on rank %d: the previous local save is still running", step, self.rank)
-            self._saver.submit(step, self._agree_and_save, step, None, entries, extra, queue=True)
+            self._saver.submit(step, self._agree_and_save, step, None, entries, extra, step_s, not skip_if_busy, queue=True)
             return False
         chunks = [memoryview(c).cast("B") for c in serialize(payload)]
         size = sum(c.nbytes for c in chunks)
@@ -257,7 +257,8 @@ class LocalTier:
         del chunks, view
         self._staged = True
         self._agreed.clear()
-        self._saver.submit(step, self._agree_and_save, step, self._blob, entries, extra, queue=True)
+        self._spent(time.thread_time() - started)
+        self._saver.submit(step, self._agree_and_save, step, self._blob, entries, extra, step_s, not skip_if_busy, queue=True)
         return True
 
     def poll(self) -> None:
@@ -265,49 +266,64 @@ class LocalTier:
         :class:`PeerLost` if one's collective failed (a peer is gone)."""
         self._saver.poll(self._save_failed)
 
-    def _agree_and_save(self, step: int, blob: bytearray | None, entries: dict | None, extra: dict | None) -> None:
-        """The save thread's part: agree with every rank whether ``step`` goes ahead, then write it."""
+    def _spent(self, cpu_s: float) -> None:
+        with self._cpu_lock:
+            self._cpu_spent += cpu_s
+
+    def _agree_and_save(
+        self, step: int, blob: bytearray | None, entries: dict | None, extra: dict | None, step_s: float | None = None, forced: bool = False
+    ) -> None:
+        """The save thread's part: agree with every rank whether ``step`` goes ahead, then write it.
+
+        ``forced`` (an explicit ``save_local`` on every rank) ignores the CPU budget."""
+        started = time.thread_time()
         try:
             if self._broken is not None:
                 raise RuntimeError(f"not attempted: an earlier save's collective failed ({self._broken!r})")
-            lead = self.node_lead
-            space = (free_bytes(self.storage), held_bytes(self.storage) if self.size_limit is not None else None) if lead else (None, None)
-            found = verdict(self._all_gather((step, None if blob is None else len(blob), *space)), self.nodes, self.buddies, self.size_limit)
+            if step < self._cadence.next_due and not forced:  # ruled out at an earlier gather: every rank drops it, no collective
+                self._skips.skip(step, "cadence", "the local saves' CPU budget is spent")
+                return
+            found = self._gather_verdict(step, blob, step_s)
             if blob is not None:
                 self._agreed.set()
             if found is None:
-                self._write_copy_commit(step, blob, entries, extra)
+                write_copy_commit(self, step, blob, entries, extra)
             elif found[0] == "mismatch":
                 raise CheckpointError(f"local checkpoint of step {step} not saved: {found[1]}")
             else:
-                self._skip(step, *found)
+                self._skips.skip(step, *found)
         except Exception as exc:
             if not isinstance(exc, CheckpointError):
                 self._broken = self._broken or exc
             raise
         finally:
+            self._spent(time.thread_time() - started)
             if blob is not None:
                 self._staged = False
                 self._agreed.set()
 
-    def _skip(self, step: int, kind: str, why: str) -> None:
-        self._skips[kind] += 1
-        if kind == "space" and self._skips[kind] == 1 and self.rank == 0:
-            logger.warning(
-                "local checkpoint of step %d skipped: %s. While a step is written a node folder holds up to local_keep + 1 "
-                "steps: free space, raise local_size_limit (and the emptyDir sizeLimit), or lower local_keep. Later "
-                "skips for space are logged at DEBUG.", step, why,
-            )
-            return
-        logger.debug("local checkpoint of step %d skipped: %s", step, why)
-        if kind == "busy" and self._skips[kind] % 50 == 0:
-            self._log_skips()
-
-    def _log_skips(self) -> None:
-        if self.rank == 0 and self._skips:
-            why = {"busy": "while the previous one still ran: a save took longer than local_every steps", "space": "for lack of space"}
-            reasons = "; ".join(f"{n} {why[kind]}" for kind, n in self._skips.items())
-            logger.info("local checkpoint tier at %s: skipped %d of %d due local saves (%s)", self.url, self.skipped, self._due, reasons)
+    def _gather_verdict(self, step: int, blob: bytearray | None, step_s: float | None) -> tuple[str, str] | None:
+        """Every rank's report on ``step`` in one all_gather: the verdict (:mod:`.local_gate`), and the next due step (:mod:`.local_cadence`)."""
+        lead = self.node_lead
+        space = (free_bytes(self.storage), held_bytes(self.storage) if self.size_limit is not None else None) if lead else (None, None)
+        now = time.monotonic()
+        with self._cpu_lock:
+            cpu_s, self._cpu_spent = self._cpu_spent, 0.0
+        wall_s = 0.0 if self._last_gather is None else now - self._last_gather
+        self._last_gather = now
+        mine = encode_report((step, None if blob is None else len(blob), *space), cpu_s, wall_s, step_s)
+        self._raise_if_lost()
+        if self._group is None and self.world_size > 1:
+            raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save or load any more.")
+        if self._group is None:
+            gathered = [mine]
+        else:
+            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(gathered, mine, group=self._group)
+        reports, cpu, wall, rate = decode_reports(gathered)
+        # rank 0's clock and step time, the most CPU any rank spent: the same due step everywhere
+        self._next_due = self._cadence.update(step, wall_s=wall, cpu_s=cpu, step_s=rate)
+        return verdict(reports, self.nodes, self.buddies, self.size_limit)
 
     def wait(self) -> None:
         """Block until the pending local saves finished.
@@ -341,64 +357,35 @@ class LocalTier:
     def close(self) -> None:
         """Wait for the pending save, stop the save thread and release the tier's
         gloo group (joining its threads). Idempotent; also run at interpreter exit,
-        so a lost peer is logged here, not raised."""
+        so a lost peer is logged here, not raised.
+
+        It never outwaits a failure: after a lost peer, or at an exit that an
+        uncaught exception caused (a training collective failed), it does not
+        wait for a save still running (a collective with a dead peer), and
+        otherwise waits at most the tier's collective timeout; a save left
+        running keeps the group (its collective may still be using it) and
+        ends with the process.
+        """
         if self._closed:
             return
         self._closed = True
+        failing = self._lost is not None or getattr(sys, "last_value", None) is not None
+        finished = False
         try:
-            self.wait()
+            finished = self._saver.wait(self._save_failed, timeout=0.0 if failing else self.timeout.total_seconds() + 5.0)
         except PeerLost as exc:
             logger.warning("%s", exc)
         finally:
-            self._saver.close()
-            self._peers.release()
-            self._log_skips()
-
-    def _write_copy_commit(self, step: int, blob: bytearray, entries: dict | None, extra: dict | None) -> None:
-        started = time.perf_counter()
-        step_dir = self.storage.path(step_dir_name(step))
-        name = rank_file_name(self.rank)
-        own: tuple[str, str, int] | None = None
-        held: dict[int, str] = {}
-        error = None
-        try:
-            # A step redone after a roll-back: its old commit must not vouch for the new files.
-            self.storage.rm_file(self.storage.commit_path(step))
-            digest, nbytes = self.storage.write_file(f"{step_dir}/{name}", [blob])
-            own = (name, digest, nbytes)
-        except Exception as exc:  # noqa: BLE001 - every rank must reach the exchange and gather below
-            error = f"writing {name}: {exc!r}"
-        received = exchange_with_buddy(blob, self.buddies, self.rank, self._group)
-        for sender, data in received.items():
-            try:
-                held[sender] = self.storage.write_file(f"{step_dir}/{BUDDY_DIR}/{rank_file_name(sender)}", [data])[0]
-            except Exception as exc:  # noqa: BLE001
-                error = f"writing the copy of rank {sender}: {exc!r}"
-        reports = self._all_gather((own, held, error))
-        problems = [f"rank {r}: {e}" for r, (_, _, e) in enumerate(reports) if e]
-        for holder, (_, holder_held, _) in enumerate(reports):
-            for sender, digest in holder_held.items():
-                sent = reports[sender][0]
-                if sent is not None and sent[1] != digest:
-                    problems.append(f"rank {holder}'s copy of rank {sender} has checksum {digest}, rank {sender} wrote {sent[1]}")
-        commit_error = None
-        if not problems and self.node_lead:
-            record = CommitRecord(
-                step=step, world_size=self.world_size, files=tuple(FileEntry(*o) for o, _, _ in reports),
-                unix_time=time.time(), entries=entries, extra={**(extra or {}), "tier": "local"},
-            )
-            try:
-                write_commit_record(self.storage, record)
-                apply_retention(self.storage, self.keep, step, what="local retention", log_deletions=False)
-            except Exception as exc:  # noqa: BLE001
-                commit_error = f"committing in {self.url}: {exc!r}"
-        commit_errors = self._all_gather(commit_error)
-        problems += [f"rank {r}: {e}" for r, e in enumerate(commit_errors) if e]
-        if problems:
-            raise CheckpointError(f"local checkpoint of step {step} not committed: " + "; ".join(problems[:4]))
-        self.committed_step = step
-        if self.rank == 0:
-            logger.info("local checkpoint step %d committed: %.1f MB per rank, %.3f s", step, len(blob) / 1e6, time.perf_counter() - started)
+            if finished or not self._saver.busy:
+                self._saver.close()
+                self._peers.release()
+            else:
+                logger.warning(
+                    "local checkpoint tier at %s: not waiting for the local save of step %s still running%s; it is not committed",
+                    self.url, self._saver.pending_step, " after a failure" if failing else f" after {self.timeout}",
+                )
+                self._saver.close(timeout=0.0)
+            self._skips.summary()
 
     # -- loading ---------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 
+import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from ..storage import Storage
@@ -48,6 +49,25 @@ def verdict(reports: Sequence[Report], nodes: Sequence[int], buddies: Sequence[i
     if problems:
         return "space", "; ".join(problems)
     return None
+
+
+def encode_report(report: Report, cpu_s: float, wall_s: float, step_s: float | None) -> torch.Tensor:
+    """One rank's :data:`Report` and its timings (:mod:`.local_cadence`) as one float64 tensor (``-1``: ``None``),
+    so that a single all_gather of fixed size shares them (no pickling, one collective)."""
+    values = [*report, cpu_s, wall_s, step_s]
+    return torch.tensor([-1.0 if v is None else float(v) for v in values], dtype=torch.float64)
+
+
+def decode_reports(gathered: Sequence[torch.Tensor]) -> tuple[list[Report], float, float, float | None]:
+    """Every rank's report, the most CPU any rank spent, and rank 0's wall time and step time.
+
+    >>> decode_reports([encode_report((5, 100, None, None), 0.002, 0.1, 0.007), encode_report((5, None, 9, None), 0.003, 0.2, None)])
+    ([(5, 100, None, None), (5, None, 9, None)], 0.003, 0.1, 0.007)
+    """
+    rows = [t.tolist() for t in gathered]
+    reports = [tuple(None if v < 0 else int(v) for v in row[:4]) for row in rows]
+    step_s = rows[0][6]
+    return reports, max(row[4] for row in rows), rows[0][5], None if step_s < 0 else step_s  # type: ignore[return-value]
 
 
 def node_needs(sizes: Sequence[int], nodes: Sequence[int], buddies: Sequence[int | None]) -> dict[int, int]:
