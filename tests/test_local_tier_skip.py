@@ -186,3 +186,27 @@ def test_a_local_save_that_would_not_fit_its_folder_is_skipped_with_a_warning(tm
     text = "\n".join(results[0]["warnings"])
     assert "local checkpoint of step 1 skipped" in text and "over local_size_limit=10000" in text, text
     assert "node 1 needs" in text and "1000 are free" in text, text
+
+
+# -- pure: the CPU budget -----------------------------------------------------------------------
+
+
+def test_the_cpu_budget_spaces_expensive_saves_and_never_holds_back_cheap_ones():
+    from elastic_hsgd.checkpoint.tiers.local_cadence import BURST, FRACTION, Cadence
+    from elastic_hsgd.checkpoint.tiers.local_gate import decode_reports, encode_report
+
+    # Steps of seconds: every due step is saved, however often.
+    slow = Cadence(every=5)
+    assert [slow.update(step, wall_s=5.0, cpu_s=0.02, step_s=1.0) for step in (5, 10, 15)] == [10, 15, 20]
+    # 7 ms steps, 20 ms saves: once the burst is spent, saves take at most FRACTION of the wall time.
+    fast, step, spent, wall_s = Cadence(every=5), 5, 0.0, 0.0
+    for _ in range(200):
+        nxt = fast.update(step, wall_s=0.0 if step == 5 else 0.007 * (step - prev), cpu_s=0.02, step_s=0.007)
+        spent, wall_s, prev, step = spent + 0.02, wall_s + 0.007 * (nxt - step), step, nxt
+    wall = wall_s
+    assert spent <= FRACTION * wall + BURST + 0.02, (spent, wall)
+    assert step % 5 == 0
+    # One gather gives every rank the same inputs (rank 0's clock, the most CPU any rank spent).
+    gathered = [encode_report((10, 100, None, None), 0.01, 0.5, 0.007), encode_report((10, 100, None, None), 0.03, 0.4, 0.009)]
+    reports, cpu, wall_s, step_s = decode_reports(gathered)
+    assert reports == [(10, 100, None, None)] * 2 and (cpu, wall_s, step_s) == (0.03, 0.5, 0.007)

@@ -21,11 +21,12 @@ group) and the commit run in a background thread. Training never waits for
 a save: one due (``maybe_save``) while the previous one is still being
 written is skipped by every rank, and so is a save that would not fit a
 node's folder (its free space, ``size_limit``); :mod:`.local_gate` agrees on
-both in the save thread. Only a rank a full ``local_every`` steps ahead of the
+both in the save thread, in one all_gather that also sets the next due step
+from the saves' CPU budget (:mod:`.local_cadence`: steps below it are
+skipped before anything is captured). Only a rank a full ``local_every`` steps ahead of the
 slowest (its previous save still waits for that rank to reach it) waits for
-it, as it would at the next averaging step: skew never skips saves. Skips are counted (:attr:`LocalTier.skipped`) and logged: DEBUG
-each, an INFO summary every 50 and at close, a WARNING for the first that
-lacked space.
+it, as it would at the next averaging step: skew never skips saves. Skips are
+counted (:attr:`LocalTier.skipped`) and logged (:mod:`.local_skips`).
 
 Two kinds of failed save. A storage failure (a write, a checksum) is agreed by
 every rank over the tier's group, which stays usable: it is logged and training
