@@ -387,3 +387,25 @@ def test_replicas_level_with_a_delay_equals_the_world_level_and_a_discarded_sync
         assert not committed["kept"] and committed["dropped"]
         assert discarded["kept"] and discarded["anchor kept"] and discarded["dropped"], discarded
         assert discarded["gap"] > 1e-4  # the discarded sync did change the run
+
+
+def test_rebuild_finishes_a_sync_in_flight_and_a_world_change_drops_a_saved_one(single_process_group):
+    from tests.distributed import collect_package_warnings
+
+    warnings = collect_package_warnings()
+    params = _model()
+    averager = HierarchicalModelAverager({2: "world"}, sync_delays={2: 1})
+    _run(params, averager, 0, 0, 3)  # 0: fires (delayed), 1: completes, 2: fires again
+    assert averager._anchors.in_flight is not None
+    saved = _clone_tree(averager.state_dict())
+    assert saved["outer"]["in_flight"]["completes_at"] == 3
+    averager.rebuild()  # its reduction is done: finished before the groups go
+    assert averager._anchors.in_flight is None and not warnings
+    _run(params, averager, 0, 3, 5)
+
+    saved["world_size"] = 2  # as if saved at another world size
+    other = HierarchicalModelAverager({2: "world"}, sync_delays={2: 1})
+    other.load_state_dict(saved)
+    assert "in_flight" not in other.state_dict()["outer"]
+    assert any("overlapped sync of period 2 in flight is dropped" in w for w in warnings), warnings
+    _run(_model(), other, 0, 3, 5)  # and it trains on

@@ -4,7 +4,7 @@
 - :mod:`.anchored`: :class:`AnchoredLevels`, anchors, outer optimizers and the pseudo-gradient sync,
   with :mod:`.anchors` (what a level holds, the one :class:`AnchorState`),
   :mod:`.outer_state` (their saved state) and :mod:`.agreement` (what the ranks
-  agree on when the anchors are set up);
+  agree on when the anchors are set up), and :mod:`.delayed` (an overlapped sync in flight, ``sync_delays``);
 - :mod:`.wire`: :class:`WireMean`, the mean in a wire dtype (bf16, fp16, int8) with its buffers;
 - :mod:`.replicas`: the :class:`TopLevel` contract and :class:`ReplicasLevel`, the top level
   across replica groups (torchft's implementation is in :mod:`elastic_hsgd.ft`).

@@ -6,7 +6,8 @@ Format (plain Python values and tensors, checked here before anything is applied
      "started": bool,
      # only when started:
      "anchors": {"<period>": [flat tensor per parameter buffer, ...]},
-     "optimizers": {"<period>": optimizer.state_dict()}}   # levels with an outer optimizer
+     "optimizers": {"<period>": optimizer.state_dict()},   # levels with an outer optimizer
+     "in_flight": {...}}   # only with an overlapped sync in flight: see elastic_hsgd.levels.delayed
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def check_present(levels: Sequence[AnchoredLevel], saved: Mapping[str, Any] | No
         raise ValueError(
             f"checkpoint has {'no ' if saved is None else ''}outer state (anchors / outer optimizers) but "
             f"this averager has {'none' if not levels else level_options(levels)}: configure "
-            "outer_optimizers and comm_dtypes as when the checkpoint was saved."
+            "outer_optimizers and comm_dtypes as when the checkpoint was saved (and sync_delays: a delayed "
+            "level keeps an anchor too)."
         )
     return True
 
@@ -62,7 +64,7 @@ def check_options(levels: Sequence[AnchoredLevel], saved: Mapping[str, Any]) -> 
         raise ValueError(
             f"checkpoint's anchored levels [period, comm dtype, outer optimizer] are {saved_levels} but this "
             f"averager has {level_options(levels)}: configure outer_optimizers and comm_dtypes as when "
-            "the checkpoint was saved."
+            "the checkpoint was saved (and sync_delays: a delayed level keeps an anchor too)."
         )
 
 
