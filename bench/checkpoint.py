@@ -176,7 +176,8 @@ def _sharded_worker(rank: int, world: int, port: int, url: str, layout: tuple[in
     dist.destroy_process_group()
     # An exact resume fetches its own whole file (not by range): count that file.
     own = next(f.bytes for f in record.files if f.name == f"rank_{rank:05d}.safetensors") if loaded.exact else 0
-    results.put((rank, (times, own or loaded.bytes_read // repeats, loaded.shard_bytes_read // repeats)))
+    # bytes_read counts one load (the last): each repeat reads the same ranges.
+    results.put((rank, (times, own or loaded.bytes_read, loaded.shard_bytes_read)))
 
 
 def _sharded_in_processes(layout: tuple[int, int], *args) -> dict[int, tuple]:

@@ -92,8 +92,8 @@ class HierarchicalModelAverager(ModelAverager):
     4. ``params := anchor_L``; with ``sync_delays[L] = tau > 0``, 2-4 run in the background on a
        snapshot and complete ``tau`` calls later: ``params += anchor_L - snapshot`` (docs/averager.md).
 
-    Whenever any level fires (anchored or not), every lower anchored level sets
-    its anchor to the new parameters: its groups are now synchronized too. A
+    Whenever any level fires (anchored or not), every lower anchored level sets its anchor
+    to the new parameters (a delayed sync's end: to anchor_L), its groups now in sync too. A
     level with neither option averages parameters exactly as torch does, with no
     extra memory. ``outer_optimizers={L: partial(torch.optim.SGD, lr=1.0)}``
     equals plain averaging. With one level, outer Nesterov SGD and one call to

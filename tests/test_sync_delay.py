@@ -131,8 +131,8 @@ def reference(config, outers, wires, delays, steps, correct=True) -> list:
             keep = delayed and correct  # the local steps since the snapshot
             params[r] = params[r] + (anchor.detach() - snapshots[r]) if keep else anchor.detach().clone()
             for lower in anchors:
-                if lower < period:
-                    anchors[lower][r].copy_(params[r])
+                if lower < period:  # the new anchor, the same on every rank of the group (tau 0: = params)
+                    anchors[lower][r].copy_(anchor.detach())
 
     for step in range(steps):
         for r in range(WORLD):

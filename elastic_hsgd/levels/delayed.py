@@ -196,7 +196,7 @@ def start(
 
 def finish(anchors: Any, params: list[torch.Tensor] | None = None) -> None:
     """Complete the sync in flight: wait for the mean, step the anchor, ``params += anchor - snapshot``,
-    and reset the lower levels' anchors (``params`` ``None``: the buffers it started from)."""
+    and set the lower levels' anchors to the new anchor (``params`` ``None``: the buffers it started from)."""
     flight, anchors.in_flight = anchors.in_flight, None
     assert flight is not None
     flight.wait()
@@ -205,7 +205,10 @@ def finish(anchors: Any, params: list[torch.Tensor] | None = None) -> None:
     anchors._check_layout(buffers)
     with torch.no_grad():
         anchors.step_anchors(lv, list(zip(lv.anchors, anchors.deltas, buffers, anchors.host_grads)), flight.snapshot)
-    anchors.set_below(lv.period, buffers)
+    # Lower anchors take the point the whole group just agreed on, the new anchor, not each rank's
+    # parameters: those differ by the local steps taken in flight, and a lower group whose ranks held
+    # different anchors would never agree again (each rank's offset survives every later sync).
+    anchors.set_below(lv.period, lv.anchors)
 
 
 def settle(anchors: Any, why: str) -> None:
