@@ -22,8 +22,8 @@ Example::
     >>> cadence.bucket = 0.0                                           # the burst is used up
     >>> cadence.update(step=10, wall_s=0.1, cpu_s=0.002, step_s=0.007)   # a 2 ms save, 100 ms after the last
     15
-    >>> cadence.update(step=15, wall_s=0.035, cpu_s=0.02, step_s=0.007)  # a 20 ms save: ~285 ms until the next
-    60
+    >>> cadence.update(step=15, wall_s=0.035, cpu_s=0.02, step_s=0.007)  # a 20 ms save: ~1.3 s until the next
+    200
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: The share of one core's time a rank's local saves may take in the long run.
-FRACTION = 0.1
+#: The share of one core's time a rank's local saves may take in the long run. Measured as the
+#: saves' own CPU time, which undercounts what they cost training (a second thread contends for
+#: the GIL and, on busy machines, for the core): at 0.1 a save every 5 steps of 8 ms steps still
+#: cost a quarter of the steps (bench/goodput.py, failure-free); hence 3 %.
+FRACTION = 0.03
 #: CPU seconds of saves allowed at once before the budget throttles (a few saves, at start or after a pause).
 BURST = 0.25
 
