@@ -80,21 +80,26 @@ def _resume_worker(rank: int, world: int, port: int, url: str, options: str, mb:
     results.put((rank, times))
 
 
-def _in_processes(world: int, *args) -> list[float]:
+def _spawn(target, world: int, *args) -> dict[int, object]:
+    """``target(rank, world, port, *args, results)`` in ``world`` spawned processes; each rank's result."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_resume_worker, args=(rank, world, port, *args, results)) for rank in range(world)]
+    procs = [ctx.Process(target=target, args=(rank, world, port, *args, results)) for rank in range(world)]
     for proc in procs:
         proc.start()
     got = dict(results.get(timeout=1800) for _ in range(world))
     for proc in procs:
         proc.join()
         if proc.exitcode:
-            raise RuntimeError(f"a resume worker exited with {proc.exitcode}")
-    return got[0]
+            raise RuntimeError(f"a {target.__name__} process exited with {proc.exitcode}")
+    return got
+
+
+def _in_processes(world: int, *args) -> list[float]:
+    return _spawn(_resume_worker, world, *args)[0]
 
 
 def resume_cost(args) -> None:
@@ -181,21 +186,7 @@ def _sharded_worker(rank: int, world: int, port: int, url: str, layout: tuple[in
 
 
 def _sharded_in_processes(layout: tuple[int, int], *args) -> dict[int, tuple]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    world = layout[0] * layout[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_sharded_worker, args=(rank, world, port, args[0], layout, *args[1:], results)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    got = dict(results.get(timeout=1800) for _ in range(world))
-    for proc in procs:
-        proc.join()
-        if proc.exitcode:
-            raise RuntimeError(f"a sharded resume worker exited with {proc.exitcode}")
-    return got
+    return _spawn(_sharded_worker, layout[0] * layout[1], args[0], layout, *args[1:])
 
 
 def sharded_resume_cost(args) -> None:

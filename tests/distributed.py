@@ -110,3 +110,16 @@ def collect_package_warnings() -> list[str]:
 
     logging.getLogger("elastic_hsgd").addHandler(Collect())
     return warnings
+
+
+def clone_tree(value: Any) -> Any:
+    """A deep copy of a state tree (dicts, lists, tuples) with every tensor detached and cloned."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone_tree(v) for v in value)
+    return value

@@ -8,7 +8,7 @@ import functools
 
 import pytest
 
-from tests.distributed import run_workers
+from tests.distributed import clone_tree, run_workers
 
 torch = pytest.importorskip("torch")
 
@@ -290,22 +290,12 @@ def test_reference_tells_outer_steps_from_plain_averaging():
     assert (with_outer[0] - without[0]).abs().max() > 1e-2
 
 
-def _clone_tree(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_tree(v) for v in value)
-    return value
-
-
 def _state_worker(rank: int, world_size: int) -> dict:
     name, config, outers, wires = SCENARIOS[0]
     params = _model()
     averager = _averager(config, outers, wires, 3)
     _run(params, averager, rank, 0, 11)
-    saved, saved_params = _clone_tree(averager.state_dict()), [p.detach().clone() for p in params]
+    saved, saved_params = clone_tree(averager.state_dict()), [p.detach().clone() for p in params]
     assert set(saved["outer"]["anchors"]) == {"2", "8"} and "8" in saved["outer"]["optimizers"]
     assert all(isinstance(t, torch.Tensor) for t in saved["outer"]["anchors"]["8"])
     _run(params, averager, rank, 11, STEPS)

@@ -14,7 +14,7 @@ import logging
 
 import pytest
 
-from tests.distributed import run_workers
+from tests.distributed import collect_package_warnings, run_workers
 
 torch = pytest.importorskip("torch")
 
@@ -341,10 +341,7 @@ def _checkpoint_worker(rank: int, world_size: int, url: str, shape: tuple, steps
 
     from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
 
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("elastic_hsgd.averager_state").addHandler(handler)
+    records = collect_package_warnings()  # the WARNING that drops the outer state
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
     model = _shard(_model(), mesh["shard"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -418,10 +415,7 @@ def _replicas_worker(rank: int, world_size: int, url: str, shape: tuple, steps: 
 
     from elastic_hsgd import CheckpointManager, HierarchicalModelAverager
 
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("elastic_hsgd.averager_state").addHandler(handler)
+    records = collect_package_warnings()  # the WARNING that drops the outer state
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
     model = _shard(_model(), mesh["shard"])
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

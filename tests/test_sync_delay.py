@@ -8,7 +8,7 @@ import functools
 
 import pytest
 
-from tests.distributed import run_workers
+from tests.distributed import clone_tree, run_workers
 
 torch = pytest.importorskip("torch")
 
@@ -205,16 +205,6 @@ def _averager(config, outers, wires, delays):
     )
 
 
-def _clone_tree(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_tree(v) for v in value)
-    return value
-
-
 def _plain_values(value) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, (str, int)) and _plain_values(v) for k, v in value.items())
@@ -251,7 +241,7 @@ def _round_trip(rank: int, url: str) -> dict:
     params = _model()
     averager = _averager(config, outers, wires, delays)
     _run(params, averager, rank, 0, 9)  # the call of step 8 started the sync
-    saved = _clone_tree(averager.state_dict())
+    saved = clone_tree(averager.state_dict())
     saved_params = [p.detach().clone() for p in params]
     with CheckpointManager(url) as manager:
         manager.save(9, {"model": torch.nn.ParameterList(params), "averager": averager}, blocking=True)
@@ -397,7 +387,7 @@ def test_rebuild_finishes_a_sync_in_flight_and_a_world_change_drops_a_saved_one(
     averager = HierarchicalModelAverager({2: "world"}, sync_delays={2: 1})
     _run(params, averager, 0, 0, 3)  # 0: fires (delayed), 1: completes, 2: fires again
     assert averager._anchors.in_flight is not None
-    saved = _clone_tree(averager.state_dict())
+    saved = clone_tree(averager.state_dict())
     assert saved["outer"]["in_flight"]["completes_at"] == 3
     averager.rebuild()  # its reduction is done: finished before the groups go
     assert averager._anchors.in_flight is None and not warnings

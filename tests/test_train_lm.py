@@ -64,13 +64,19 @@ TINY = [
 DONE_DEADLINE_S = 120
 
 
+def reference_and_killed(flags: list[str], tmp_path, first_checkpoint: int):
+    """An uninterrupted run of ``flags`` and one whose worker is SIGKILLed after the first checkpoint at or
+    after step ``first_checkpoint`` and resumes: (the reference agent, its ``done`` line, the killed run)."""
+    reference = Agent(single_node(free_port()), [*flags, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference", LM_EXAMPLE)
+    expected = run_to_done(reference, DONE_DEADLINE_S)
+    agent = Agent(single_node(free_port()), [*flags, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed", LM_EXAMPLE)
+    saved = lambda e: e["event"] == "checkpoint" and e["step"] >= first_checkpoint  # noqa: E731
+    return reference, expected, kill_worker_then_finish(agent, saved, "first checkpoint", done_s=DONE_DEADLINE_S)
+
+
 @pytest.mark.torchrun
 def test_lm_killed_worker_resumes_to_a_bit_identical_result_and_reports_val_loss(tmp_path):
-    reference = Agent(single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference", LM_EXAMPLE)
-    expected = run_to_done(reference, DONE_DEADLINE_S)
-
-    agent = Agent(single_node(free_port()), [*TINY, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed", LM_EXAMPLE)
-    run = kill_worker_then_finish(agent, lambda e: e["event"] == "checkpoint" and e["step"] >= 10, "first checkpoint", done_s=DONE_DEADLINE_S)
+    reference, expected, run = reference_and_killed(TINY, tmp_path, 10)
     resumed, done = run.resumed, run.done
 
     started = next(e for e in reference.snapshot() if e["event"] == "started")
@@ -96,11 +102,7 @@ DELAYED += ["--outer-levels", "top", "--outer-lr", "0.7", "--outer-momentum", "0
 
 @pytest.mark.torchrun
 def test_lm_with_an_overlapped_sync_killed_mid_flight_resumes_bit_identical(tmp_path):
-    reference = Agent(single_node(free_port()), [*DELAYED, "--checkpoint-url", str(tmp_path / "ref")], tmp_path, "reference", LM_EXAMPLE)
-    expected = run_to_done(reference, DONE_DEADLINE_S)
-
-    agent = Agent(single_node(free_port()), [*DELAYED, "--checkpoint-url", str(tmp_path / "run")], tmp_path, "killed", LM_EXAMPLE)
-    run = kill_worker_then_finish(agent, lambda e: e["event"] == "checkpoint" and e["step"] >= 9, "first checkpoint", done_s=DONE_DEADLINE_S)
+    _, expected, run = reference_and_killed(DELAYED, tmp_path, 9)
     assert run.resumed["world_size"] == 4 and run.resumed["previous_world_size"] == 4
     assert run.resumed["step"] in (9, 18), f"resumed at {run.resumed['step']}: not a checkpoint taken with a sync in flight"
     assert run.done["step"] == 40
