@@ -8,7 +8,7 @@ import functools
 
 import pytest
 
-from tests.distributed import free_port, run_workers
+from tests.distributed import clone_tree, free_port, run_workers
 
 torch = pytest.importorskip("torch")
 
@@ -43,16 +43,6 @@ def _run(params: list, averager, rank: int, start: int, stop: int) -> None:
         averager.average_parameters(params)
 
 
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    return value
-
-
 def _all_equal(tensors: list) -> bool:
     import torch.distributed as dist
 
@@ -81,7 +71,7 @@ def _tensor_state_worker(rank: int, world_size: int, port: int) -> dict:
         params = _params(rank)
         averager = HierarchicalModelAverager(config, outer_optimizers={1: factory, 2: factory})
         _run(params, averager, rank, 0, 5)
-        runs[name] = (params, averager, _clone(averager.state_dict()), [p.detach().clone() for p in params])
+        runs[name] = (params, averager, clone_tree(averager.state_dict()), [p.detach().clone() for p in params])
     dist.destroy_process_group()
     if rank >= 2:
         return {}
@@ -133,7 +123,7 @@ def _node_shape_worker(rank: int, world_size: int) -> dict:
     params = _params(rank)
     two_nodes = HierarchicalModelAverager(config, comm_dtypes=wires, local_world_size=1)  # 2 nodes x 1
     _run(params, two_nodes, rank, 0, 6)  # steps 2, 4: "local" is each rank alone, its anchors its own
-    saved = _clone(two_nodes.state_dict())
+    saved = clone_tree(two_nodes.state_dict())
     two_nodes.release_groups()
     one_node = HierarchicalModelAverager(config, comm_dtypes=wires, local_world_size=2)  # 1 node x 2
     one_node.load_state_dict(saved)  # what each rank's own file hands it at the same world size
