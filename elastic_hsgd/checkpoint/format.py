@@ -179,6 +179,8 @@ def _table(header: Any, data_bytes: int) -> dict[str, tuple[torch.dtype, list[in
         shape = [_int(s, f"tensor {name!r} size") for s in shape]
         if any(s >= 2**63 for s in shape):
             raise FormatError(f"tensor {name!r}: a size in {str(shape)[:200]} does not fit an int64")
+        if 0 in shape and math.prod(s for s in shape if s) >= 2**63:  # an empty [0, 2**40, 2**40]: its strides overflow
+            raise FormatError(f"tensor {name!r}: shape {str(shape)[:200]} has more elements per slice than an int64 counts")
         if not isinstance(offsets, list) or len(offsets) != 2:
             raise FormatError(f"tensor {name!r}: data_offsets {str(offsets)[:200]} is not [begin, end]")
         begin, end = (_int(o, f"tensor {name!r} offset") for o in offsets)
