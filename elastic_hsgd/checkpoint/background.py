@@ -51,12 +51,9 @@ class BackgroundSaver:
     """A single save thread and its pending saves (each a step and a future), oldest first.
 
     The thread starts with the first :meth:`submit`; :meth:`close` joins it.
-    It is a daemon thread: a save stuck in a collective whose peer is gone
-    must not hold the process at exit (Python joins every other thread, a
-    ``ThreadPoolExecutor``'s too, before any exit handler runs), so a worker
-    whose training failed exits at once and torchelastic re-forms the world.
-    A save still running at exit is waited for by the tier's ``close()``
-    (:func:`close_at_exit`), with a deadline where the tier gives one.
+    It is not a daemon thread: as a daemon, an async save with ``destroy_process_group``
+    before exit ended a worker with SIGABRT (tests/test_clean_exit.py), so Python joins
+    it at exit; a save stuck on a lost peer ends at its group's collective timeout.
     """
 
     def __init__(self, thread_name_prefix: str) -> None:
@@ -90,7 +87,7 @@ class BackgroundSaver:
             raise RuntimeError(f"the save of step {self._pending[0][0]} is still pending: wait for it first.")
         if self._thread is None:
             self._jobs = type(self._jobs)()
-            self._thread = threading.Thread(target=self._run, args=(self._jobs,), name=f"{self.thread_name_prefix}_0", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(self._jobs,), name=f"{self.thread_name_prefix}_0", daemon=False)
             self._thread.start()
         future: Future[None] = Future()
         self._jobs.put((future, fn, args))
