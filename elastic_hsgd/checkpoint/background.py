@@ -51,9 +51,17 @@ class BackgroundSaver:
     """A single save thread and its pending saves (each a step and a future), oldest first.
 
     The thread starts with the first :meth:`submit`; :meth:`close` joins it.
-    It is not a daemon thread: as a daemon, an async save with ``destroy_process_group``
-    before exit ended a worker with SIGABRT (tests/test_clean_exit.py), so Python joins
-    it at exit; a save stuck on a lost peer ends at its group's collective timeout.
+
+    At exit it must neither hold the process nor outlive the interpreter.
+    It is a daemon thread, so a save stuck in a collective whose peer is gone
+    does not hold a worker whose training failed (Python joins every
+    non-daemon thread before any exit handler runs, and the tier's
+    ``close()``, an exit handler, is what decides whether to wait). But it is
+    not left running into finalization either: when the main thread ends, it
+    is told to stop after its queued saves and joined, unless an uncaught
+    exception ended the script with a save still running
+    (:func:`_stop_at_shutdown`; tests/test_clean_exit.py, whose worker ends
+    with a save pending and its manager collected, aborted without it).
     """
 
     def __init__(self, thread_name_prefix: str) -> None:
@@ -61,6 +69,7 @@ class BackgroundSaver:
         self._thread: threading.Thread | None = None
         self._jobs: queue.SimpleQueue[tuple[Future[None], Callable[..., None], tuple] | None] = queue.SimpleQueue()
         self._pending: deque[tuple[int, Future[None]]] = deque()
+        self._stopping = threading.Event()  # set once the thread was told to stop at shutdown
 
     @property
     def executor(self) -> threading.Thread | None:
@@ -85,10 +94,11 @@ class BackgroundSaver:
         """
         if self._pending and not queue:
             raise RuntimeError(f"the save of step {self._pending[0][0]} is still pending: wait for it first.")
-        if self._thread is None:
-            self._jobs = type(self._jobs)()
-            self._thread = threading.Thread(target=self._run, args=(self._jobs,), name=f"{self.thread_name_prefix}_0", daemon=False)
+        if self._thread is None or self._stopping.is_set():  # (a save submitted at exit gets a thread of its own)
+            self._jobs, self._stopping = type(self._jobs)(), threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(self._jobs,), name=f"{self.thread_name_prefix}_0", daemon=True)
             self._thread.start()
+            _at_threading_shutdown(_stop_at_shutdown, self._thread, self._jobs, self._pending, self._stopping)
         future: Future[None] = Future()
         self._jobs.put((future, fn, args))
         self._pending.append((step, future))
@@ -105,6 +115,8 @@ class BackgroundSaver:
                 future.set_exception(exc)
             else:
                 future.set_result(None)
+            # An idle thread must not keep the last save's tensors or its tier (and group) alive.
+            del job, future, fn, args
 
     def wait(self, on_failure: FailureHandler, timeout: float | None = None) -> bool:
         """Block until every pending save finished; for each that raised, call ``on_failure(step, exc)``.
@@ -152,6 +164,36 @@ class BackgroundSaver:
         self._jobs.put(None)
         thread.join(timeout)
         return not thread.is_alive()
+
+
+def _at_threading_shutdown(fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn(*args)`` when the main thread ends, before Python joins non-daemon
+    threads and before :mod:`atexit` handlers (``threading._register_atexit``,
+    which ``concurrent.futures`` uses; without it, only the exit handlers run)."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        return
+    try:
+        register(fn, *args)
+    except RuntimeError:
+        pass  # the interpreter is shutting down already; the exit handlers still close
+
+
+def _stop_at_shutdown(thread: threading.Thread, jobs: queue.SimpleQueue, pending: deque, stopping: threading.Event) -> None:
+    """Tell a save thread to stop once its queued saves ran, and join it, as
+    ``ThreadPoolExecutor`` does for its workers: a script that ends without
+    ``close()``, its manager already collected, still commits its last save,
+    and no thread of ours is inside a collective when the interpreter
+    finalizes. Not after an uncaught exception with a save still running
+    (likely a collective whose peer is gone): the tier's ``close()`` decides."""
+    if not thread.is_alive():
+        return
+    stopping.set()
+    jobs.put(None)
+    failing = getattr(sys, "last_value", None) is not None
+    if failing and any(not future.done() for _, future in pending):
+        return
+    thread.join()
 
 
 class Closeable(Protocol):
