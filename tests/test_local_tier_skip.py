@@ -114,6 +114,7 @@ def test_a_due_local_save_is_skipped_not_waited_for_while_the_previous_one_runs(
 def _skew_worker(rank: int, world_size: int, root: str) -> dict:
     import os
     import time
+    from pathlib import Path
 
     import torch
 
@@ -124,16 +125,24 @@ def _skew_worker(rank: int, world_size: int, root: str) -> dict:
     state = {"model": torch.nn.Linear(4, 4)}
     saved = [manager.maybe_save(1, state)]
     manager.local.wait()
+    entered = Path(root) / "rank0-entered-step-3"
+    late_from = None
     if rank == 1:
-        time.sleep(2.0)  # rank 1 reaches step 2 two seconds after rank 0: rank 0 is a full interval ahead
+        # Rank 1 reaches step 2 only once rank 0 is inside step 3's save: rank 0 is a full interval ahead.
+        end = time.monotonic() + 60
+        while not entered.exists():
+            assert time.monotonic() < end, "rank 0 never reached step 3"
+            time.sleep(0.01)
+        late_from = time.monotonic()
     saved.append(manager.maybe_save(2, state))
     if rank == 1:
         manager.local.wait()  # rank 1 is not ahead: its save of step 2 is done before step 3
-    started = time.monotonic()
+    else:
+        entered.touch()
     saved.append(manager.maybe_save(3, state))  # rank 0: its save of step 2 still waits for rank 1
-    waited = time.monotonic() - started
+    returned = time.monotonic()  # one system-wide clock: comparable across the two processes
     manager.local.wait()
-    outcome = {"saved": saved, "waited": waited, "committed": manager.local_committed_step, "skipped": manager.local.skipped}
+    outcome = {"saved": saved, "late_from": late_from, "returned": returned, "committed": manager.local_committed_step, "skipped": manager.local.skipped}
     manager.close()
     return outcome
 
@@ -142,7 +151,8 @@ def test_a_rank_a_full_interval_ahead_waits_for_the_slowest_so_skew_skips_no_sav
     ahead, behind = run_workers(_skew_worker, 2, str(tmp_path), deadline_s=150)
     for r in (ahead, behind):
         assert r["saved"] == [("local",)] * 3 and r["committed"] == 3 and r["skipped"] == 0, r
-    assert ahead["waited"] > 1.0, ahead  # for rank 1 to reach step 2, as the next averaging step would
+    # rank 0's step-3 save returned only after rank 1 set out for step 2, as the next averaging step would
+    assert ahead["returned"] > behind["late_from"], (ahead, behind)
 
 
 def _space_worker(rank: int, world_size: int, root: str) -> dict:
@@ -210,3 +220,25 @@ def test_the_cpu_budget_spaces_expensive_saves_and_never_holds_back_cheap_ones()
     gathered = [encode_report((10, 100, None, None), 0.01, 0.5, 0.007), encode_report((10, 100, None, None), 0.03, 0.4, 0.009)]
     reports, cpu, wall_s, step_s = decode_reports(gathered)
     assert reports == [(10, 100, None, None)] * 2 and (cpu, wall_s, step_s) == (0.03, 0.5, 0.007)
+
+
+def test_a_save_is_charged_the_cpu_of_every_thread_but_the_training_one():
+    import threading
+    import time
+
+    from elastic_hsgd.checkpoint.tiers.local_cadence import cpu_outside, training_clock
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds  # CPU seconds, however busy the machine is
+        while time.thread_time() < end:
+            pass
+
+    clock = training_clock()
+    assert clock is not None  # Linux: per-thread CPU clocks
+    before = cpu_outside(clock)
+    spin(0.3)  # the training thread's own work is not the save's cost
+    assert cpu_outside(clock) - before < 0.1
+    helper = threading.Thread(target=spin, args=(0.3,))  # a save thread, or gloo's, working beside training
+    helper.start()
+    helper.join()
+    assert cpu_outside(clock) - before >= 0.29

@@ -143,29 +143,46 @@ class Agent:
     def kill(self) -> None:
         """SIGKILL this agent's workers and the agent itself, as a lost node.
 
-        Workers survive their agent's SIGKILL, so each is killed by pid, and waited for.
+        Workers survive their agent's SIGKILL, so each is killed by pid, and waited for:
+        the ones that logged, and every other process below the agent (workers of a
+        restart that have not logged yet).
         """
-        pids = self.worker_pids()
+        _sigstop(self.proc.pid)  # it starts no worker while its children are listed
+        pids = sorted({*self.worker_pids(), *descendants(self.proc.pid)})
         assert pids, f"{self.name}: no live worker pids known; events {self.snapshot()}"
         for pid in [*pids, self.proc.pid]:
             _sigkill(pid)
         self.proc.wait(timeout=10)
-        end = time.monotonic() + 10
-        while any(_alive(pid) for pid in pids):
-            assert time.monotonic() < end, f"{self.name}: workers {pids} survived SIGKILL"
-            time.sleep(0.01)
+        _wait_gone(pids, self.name)
 
     def stop(self) -> None:
-        """Teardown: SIGKILL the agent's process group and its workers, if it still runs."""
+        """Teardown: SIGKILL the agent's process group and its workers.
+
+        Workers live in sessions of their own, so the group kill misses them: each is
+        killed by pid, the ones that logged and every process below the agent (a
+        worker still starting has not logged; left alive, it would compete for the
+        CPU with whatever runs next).
+        """
+        pids = self.worker_pids()
         if self.proc.poll() is None:
-            pids = self.worker_pids()
+            _sigstop(self.proc.pid)
+            pids = sorted({*pids, *descendants(self.proc.pid)})
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            for pid in pids:
-                _sigkill(pid)
+        for pid in pids:
+            _sigkill(pid)
+        if self.proc.poll() is None:
             self.proc.wait(timeout=10)
+        _wait_gone(pids, self.name)
+
+
+def _sigstop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        pass  # already gone
 
 
 def _sigkill(pid: int) -> None:
@@ -173,6 +190,32 @@ def _sigkill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # already gone
+
+
+def _wait_gone(pids: list[int], name: str, deadline_s: float = 10) -> None:
+    end = time.monotonic() + deadline_s
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < end, f"{name}: workers {pids} survived SIGKILL"
+        time.sleep(0.01)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...), read from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while listing
+        children.setdefault(parent, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children.get(child, []))
+    return out
 
 
 def _alive(pid: int) -> bool:

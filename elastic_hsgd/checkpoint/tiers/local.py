@@ -75,7 +75,7 @@ from ..run_identity import RunStamp, foreign_reason
 from ..state import serialize
 from ..storage import CheckpointError, Storage
 from . import StepReader
-from .local_cadence import Cadence
+from .local_cadence import Cadence, cpu_outside, training_clock
 from .local_commit import write_copy_commit
 from .local_gate import decode_reports, encode_report, free_bytes, held_bytes, verdict
 from .local_load import BUDDY_DIR, execute_plan, node_holdings
@@ -165,6 +165,7 @@ class LocalTier:
         self._cpu_spent = 0.0  # CPU seconds of saves (staging and save thread) since the last gather
         self._last_gather: float | None = None  # monotonic time of the save thread's last gather
         self._last_due: tuple[int, float] | None = None  # (step, monotonic time) of the last save asked for
+        self._training_clock: int | None = None  # the CPU clock of the thread that saves (trains)
         self._survey: list[dict[int, StepHolding]] = []  # every rank's holdings, as of the last held_steps()
         self._closed = False
         # Its gloo group must be gone before the interpreter finalizes, manager or not
@@ -228,6 +229,8 @@ class LocalTier:
         if self._closed:
             raise CheckpointError(f"the local checkpoint tier at {self.url} is closed: it cannot save any more.")
         started = time.thread_time()
+        if self._training_clock is None:
+            self._training_clock = training_clock()
         if skip_if_busy:
             self.poll()
             if self._staged and not self._agreed.is_set():
@@ -277,7 +280,7 @@ class LocalTier:
         """The save thread's part: agree with every rank whether ``step`` goes ahead, then write it.
 
         ``forced`` (an explicit ``save_local`` on every rank) ignores the CPU budget."""
-        started = time.thread_time()
+        started = cpu_outside(self._training_clock)
         try:
             if self._broken is not None:
                 raise RuntimeError(f"not attempted: an earlier save's collective failed ({self._broken!r})")
@@ -298,7 +301,7 @@ class LocalTier:
                 self._broken = self._broken or exc
             raise
         finally:
-            self._spent(time.thread_time() - started)
+            self._spent(cpu_outside(self._training_clock) - started)
             if blob is not None:
                 self._staged = False
                 self._agreed.set()

@@ -29,15 +29,37 @@ Example::
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass
 
-#: The share of one core's time a rank's local saves may take in the long run. Measured as the
-#: saves' own CPU time, which undercounts what they cost training (a second thread contends for
-#: the GIL and, on busy machines, for the core): at 0.1 a save every 5 steps of 8 ms steps still
-#: cost a quarter of the steps (bench/goodput.py, failure-free); hence 3 %.
+#: The share of one core's time a rank's local saves may take in the long run. A save is charged
+#: the process's CPU time outside the training thread while it runs (:func:`cpu_outside`): its
+#: own thread's and gloo's transfer threads'. Charging the save thread's time alone undercounted:
+#: at 0.1 a save every 5 steps of 8 ms steps still cost a quarter of the steps (bench/goodput.py,
+#: failure-free).
 FRACTION = 0.03
 #: CPU seconds of saves allowed at once before the budget throttles (a few saves, at start or after a pause).
 BURST = 0.25
+
+
+def training_clock() -> int | None:
+    """The CPU clock of the calling (training) thread, for :func:`cpu_outside`; ``None`` where
+    the platform has no per-thread clocks (then a save is charged its own thread's time only)."""
+    getter = getattr(time, "pthread_getcpuclockid", None)
+    return None if getter is None else getter(threading.get_ident())
+
+
+def cpu_outside(clock: int | None) -> float:
+    """CPU seconds this process spent so far outside the thread of ``clock``; the difference
+    over a save is what the save took from training: the save thread, gloo's threads (and
+    whatever else ran beside training then, so it errs on the side of saving less)."""
+    if clock is None:
+        return time.thread_time()
+    try:
+        return time.process_time() - time.clock_gettime(clock)
+    except OSError:  # the training thread is gone (the save runs at exit)
+        return time.thread_time()
 
 
 @dataclass
