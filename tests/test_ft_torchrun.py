@@ -90,14 +90,8 @@ def test_outer_nesterov_on_replicas_survives_a_lost_group_and_heals_anchors_and_
     try:
         groups = job.start_all(2, args, "diloco", quorum_s=120)
         # Past warmup and several outer steps: anchors and momentum exist on every rank.
-        groups[1].wait_for(lambda e: e["event"] == "progress" and e["step"] >= 40, 120, "outer steps taken")
-        groups[1].kill()
-        groups[0].wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 1, 60, "quorum of 1")
-        at_kill = max(steps_of(groups[0]))
-        restarted = job.start(1, args, "diloco1-restarted")
-        healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
-        assert healed["source_replica"] == 0 and healed["step"] > at_kill
-        done = [g.wait_for(lambda e: e["event"] == "done", 300, "done line") for g in (groups[0], restarted)]
+        at_kill = _kill_group_1_past(groups, 40)
+        restarted, healed, done = _restart_group_1_to_heal_and_finish(job, args, "diloco1-restarted", groups[0], at_kill)
     finally:
         job.stop()
     assert {d["step"] for d in done} == {1200}
@@ -151,15 +145,10 @@ def test_sharded_replica_groups_heal_a_restarted_group_shard_by_shard(tmp_path):
     job = ReplicaGroups(tmp_path)
     try:
         groups = job.start_all(2, args, "sharded", quorum_s=120)
-        groups[1].wait_for(lambda e: e["event"] == "progress" and e["step"] >= 24, 120, "outer steps taken")
-        groups[1].kill()
-        groups[0].wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 1, 60, "quorum of 1")
-        at_kill = max(steps_of(groups[0]))
+        at_kill = _kill_group_1_past(groups, 24)
         generation = (url / GENERATION_FILE).read_bytes()
-        restarted = job.start(1, args, "sharded1-restarted")
-        healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
-        assert healed["source_replica"] == 0 and healed["step"] > at_kill and healed["bytes"] > 0
-        done = [g.wait_for(lambda e: e["event"] == "done", 300, "done line") for g in (groups[0], restarted)]
+        restarted, healed, done = _restart_group_1_to_heal_and_finish(job, args, "sharded1-restarted", groups[0], at_kill)
+        assert healed["bytes"] > 0
     finally:
         job.stop()
     assert {d["step"] for d in done} == {1000}
@@ -170,3 +159,20 @@ def test_sharded_replica_groups_heal_a_restarted_group_shard_by_shard(tmp_path):
     assert not [e for e in restarted.snapshot() if e["event"] in ("started", "resumed")]
     assert (url / GENERATION_FILE).read_bytes() == generation  # the restarted group read no checkpoint
     assert Storage(str(url)).committed_steps()[-1] == 1000
+
+
+def _kill_group_1_past(groups: list, step: int) -> int:
+    """SIGKILL group 1 once it logged progress at ``step``; wait for group 0's quorum of 1; group 0's step then."""
+    groups[1].wait_for(lambda e: e["event"] == "progress" and e["step"] >= step, 120, "outer steps taken")
+    groups[1].kill()
+    groups[0].wait_for(lambda e: e["event"] == "quorum" and e["replicas"] == 1, 60, "quorum of 1")
+    return max(steps_of(groups[0]))
+
+
+def _restart_group_1_to_heal_and_finish(job: ReplicaGroups, args: list[str], name: str, survivor, at_kill: int) -> tuple:
+    """Start group 1 again: it heals from group 0 past ``at_kill``; then both run to their done lines."""
+    restarted = job.start(1, args, name)
+    healed = restarted.wait_for(lambda e: e["event"] == "healed", 120, "healed line")
+    assert healed["source_replica"] == 0 and healed["step"] > at_kill
+    done = [g.wait_for(lambda e: e["event"] == "done", 300, "done line") for g in (survivor, restarted)]
+    return restarted, healed, done
