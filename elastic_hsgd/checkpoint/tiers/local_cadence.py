@@ -5,7 +5,9 @@ training would otherwise use; with fast steps (milliseconds) a save every few
 steps would take more CPU than training. So the tier keeps a budget, a token
 bucket of CPU seconds: it fills at ``FRACTION`` of the wall time (saves get at
 most that share of one core on each rank, in the long run), up to ``BURST``,
-and every save's CPU time (the most any rank spent) is taken out of it. After
+and every save's cost (the staging copy, plus the CPU time of every thread
+but the training one while the save runs: :func:`cpu_outside`; the most any
+rank spent) is taken out of it. After
 a save the next one is due only once the bucket holds that save's cost again,
 rounded up to the tier's cadence (``local_every``): :meth:`Cadence.update`
 returns that step. Slow steps (seconds) never wait; fast ones save less often.
