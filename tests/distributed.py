@@ -7,19 +7,41 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import random
 import socket
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_DEADLINE_S = 120.0
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1 now, picked below the kernel's ephemeral range.
+
+    A port from ``bind(("127.0.0.1", 0))`` can be handed out again by the kernel
+    before the caller's process binds it: to an outgoing connection, or to one of
+    the listeners gloo and TCPStore open on ephemeral ports in a test running
+    beside this one (a torchrun agent then joined a stranger's socket as if it
+    were its rendezvous store). Ports below the range are never handed out by the
+    kernel, so only another caller of this function can pick the same one.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    pick = random.SystemRandom()
+    for _ in range(1000):
+        port = pick.randrange(10000, max(low, 10001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): pick another
+            return port
+    raise RuntimeError(f"no free port found in 10000-{low - 1} on 127.0.0.1")
 
 
 def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, env: dict, results: Any, args: tuple) -> None:
