@@ -141,31 +141,21 @@ class Agent:
         return victim
 
     def kill(self) -> None:
-        """SIGKILL this agent's workers and the agent itself, as a lost node.
-
-        Workers survive their agent's SIGKILL, so each is killed by pid, and waited for:
-        the ones that logged, and every other process below the agent (workers of a
-        restart that have not logged yet).
-        """
-        _sigstop(self.proc.pid)  # it starts no worker while its children are listed
-        pids = sorted({*self.worker_pids(), *descendants(self.proc.pid)})
+        """SIGKILL this agent's workers and the agent itself, as a lost node (see :meth:`stop`)."""
+        pids = self.stop()
         assert pids, f"{self.name}: no live worker pids known; events {self.snapshot()}"
-        for pid in [*pids, self.proc.pid]:
-            _sigkill(pid)
-        self.proc.wait(timeout=10)
-        _wait_gone(pids, self.name)
 
-    def stop(self) -> None:
-        """Teardown: SIGKILL the agent's process group and its workers.
+    def stop(self) -> list[int]:
+        """SIGKILL the agent, its process group and its workers, and wait until they are gone; the workers' pids.
 
-        Workers live in sessions of their own, so the group kill misses them: each is
-        killed by pid, the ones that logged and every process below the agent (a
-        worker still starting has not logged; left alive, it would compete for the
-        CPU with whatever runs next).
+        Workers survive their agent's SIGKILL and live in sessions of their own, so
+        the group kill misses them: each is killed by pid, the ones that logged and
+        every process below the agent (a worker of a restart that has not logged
+        yet; left alive, it would compete for the CPU with whatever runs next).
         """
         pids = self.worker_pids()
         if self.proc.poll() is None:
-            _sigstop(self.proc.pid)
+            _sigstop(self.proc.pid)  # it starts no worker while its children are listed
             pids = sorted({*pids, *descendants(self.proc.pid)})
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -173,9 +163,12 @@ class Agent:
                 pass
         for pid in pids:
             _sigkill(pid)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
-        _wait_gone(pids, self.name)
+        self.proc.wait(timeout=10)
+        end = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < end, f"{self.name}: workers {pids} survived SIGKILL"
+            time.sleep(0.01)
+        return pids
 
 
 def _sigstop(pid: int) -> None:
@@ -192,24 +185,15 @@ def _sigkill(pid: int) -> None:
         pass  # already gone
 
 
-def _wait_gone(pids: list[int], name: str, deadline_s: float = 10) -> None:
-    end = time.monotonic() + deadline_s
-    while any(_alive(pid) for pid in pids):
-        assert time.monotonic() < end, f"{name}: workers {pids} survived SIGKILL"
-        time.sleep(0.01)
-
-
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (children, their children, ...), read from ``/proc``."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # exited while listing
-        children.setdefault(parent, []).append(int(entry.name))
+        fields = _stat_fields(int(entry.name))
+        if fields:  # (else it exited while listing)
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     out, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
@@ -218,12 +202,17 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent pid, ...); empty once it is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def stop_all(stoppables: Iterable) -> None:
